@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv/ when it is missing and installs what it needs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision pinned to the releases on this project's machines (never newer than 2.14.1).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint venv data clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev,eval,export]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+data/default/train/index.json: $(STAMP) data_pipelines/synthetic.py
+	$(BIN)/python -m data_pipelines.synthetic --out data/default
+
+data: data/default/train/index.json
+
+demo: $(STAMP) data
+	$(BIN)/python -m train.demo
+
+test: $(STAMP)
+	$(BIN)/ruff check train models data_pipelines slurm tests
+	$(BIN)/ruff format --check train models data_pipelines slurm tests
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check --fix train models data_pipelines slurm tests
+	$(BIN)/ruff format train models data_pipelines slurm tests
+
+bench: $(STAMP)
+	$(BIN)/python -m train.benchmark
+
+clean:
+	rm -rf runs data

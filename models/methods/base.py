@@ -1,0 +1,80 @@
+"""The one interface every self-supervised method implements.
+
+A method is an ``nn.Module`` that owns a ``backbone`` (the encoder that gets exported) and
+whatever heads, predictors or teachers it needs. The trainer only ever calls:
+
+* ``forward(batch) -> dict``: ``batch["views"]`` is a list of image tensors ``(B, 3, H, W)``
+  (one view for MAE, two for SimCLR/BYOL/MoCo/SimSiam, 2 global + N local for DINO).
+  The dict must hold a scalar ``"loss"``; every other scalar tensor is logged as
+  ``loss_metrics/<key>``. A method may add ``"embeddings"``: a tuple of two detached
+  ``(B, D)`` tensors (two views of the same images) that the collapse monitors read.
+* ``after_step(ctx)``: called once after every optimizer step (EMA teachers, centers).
+* ``no_weight_decay()``: full parameter names that must not get weight decay
+  (norms and biases are excluded by the optimizer anyway, by ``ndim <= 1``).
+* ``visualize(batch)``: an optional image grid ``(3, H, W)`` in [0, 1] for TensorBoard.
+
+The trainer never branches on the method's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where training stands; every schedule is a pure function of it."""
+
+    step: int
+    """Optimizer steps completed so far (0 before the first)."""
+    total_steps: int
+    """Steps the whole run will take."""
+    steps_per_epoch: int
+    """Optimizer steps in one pass over the data."""
+
+    @property
+    def epoch(self) -> float:
+        return self.step / max(1, self.steps_per_epoch)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1]."""
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+class Method(nn.Module):
+    """Base class of every SSL method; see the module docstring for the contract."""
+
+    backbone: nn.Module
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def before_step(self, ctx: StepContext) -> None:
+        """Called before the forward of step ``ctx.step`` (e.g. to freeze a layer early on)."""
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Called after the optimizer step that completed step ``ctx.step - 1``."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of parameters without weight decay, gathered from timm's API."""
+        names: set[str] = set()
+        for prefix, module in self.named_modules():
+            if module is self:
+                continue
+            fn = getattr(module, "no_weight_decay", None)
+            if callable(fn) and not isinstance(module, Method):
+                for n in fn():
+                    names.add(f"{prefix}.{n}" if prefix else n)
+        return names
+
+    @torch.no_grad()
+    def visualize(self, batch: Batch) -> torch.Tensor | None:
+        """An image grid ``(3, H, W)`` in [0, 1], or None when the method has no picture."""
+        return None

@@ -1,0 +1,99 @@
+"""Helpers for multi-process runs: tiny overrides and a torchrun launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = [
+    "model.patch_size=8",
+    "method.decoder_dim=32",
+    "method.decoder_depth=1",
+    "method.decoder_heads=2",
+    "train.micro_batch=8",
+    "data.num_workers=0",
+    "log.every=1",
+    "log.image_every=0",
+    "log.progress=false",
+    "optim.warmup_steps=2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def shard_overrides(root: Path) -> list[str]:
+    names = sorted(p.name for p in (root / "train").glob("*.tar"))
+    spec = ",".join(str(root / "train" / n) for n in names)
+    return [f"data.train_shards={json.dumps(spec)}", f"data.index={root / 'train' / 'index.json'}"]
+
+
+def launch(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m train.pretrain ARGS`` on the CPU (gloo)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "train.pretrain",
+        *args,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def spawn(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """N processes of ``python -m train.pretrain ARGS`` with rank variables, as srun starts them.
+
+    Unlike torchrun, which turns any non-zero exit into 1, this keeps rank 0's exit code
+    (75 after a signal-triggered checkpoint). Returns rank 0's result with all output.
+    """
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+            RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "train.pretrain", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    codes = [p.returncode for p in procs]
+    out = "".join(o for o, _ in outs)
+    err = "".join(e for _, e in outs)
+    if len(set(codes)) != 1:
+        err += f"\nranks exited with different codes: {codes}"
+        codes[0] = -999
+    return subprocess.CompletedProcess(procs[0].args, codes[0], out, err)

@@ -1,0 +1,135 @@
+"""Real multi-process DeepSpeed runs on the CPU (gloo): ZeRO-2/3 in bf16, exact resume, signals."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from tests.integration.runs import ROOT, TINY, launch, read_metrics, shard_overrides, spawn
+from train.checkpoint import complete_checkpoints
+from train.export_encoder import load_encoder
+from train.preemption import EXIT_REQUEUE
+
+pytestmark = pytest.mark.slow
+
+
+def _tail(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stdout + proc.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_process_bf16_run_checkpoints_and_exports(
+    zero: str, tiny_shards: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    proc = launch(
+        2,
+        [
+            "mae_vit_tiny_demo",
+            *TINY,
+            *shard_overrides(tiny_shards),
+            f"train.zero={zero}",
+            "train.precision=bf16",
+            "train.steps=4",
+            "checkpoint.every=2",
+            "checkpoint.keep=1",
+            f"train.output_dir={run}",
+        ],
+    )
+    assert proc.returncode == 0, _tail(proc)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    assert rows[-1]["samples_seen"] == 4 * 2 * 8
+    # keep=1: only the final checkpoint survives, and it is complete
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step_00000004"]
+    # the exported encoder is consolidated from the ZeRO partitions and loads into timm
+    weights = run / "export" / "encoder.safetensors"
+    model = load_encoder(weights)
+    reference = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=0)
+    assert set(model.state_dict()) == set(reference.state_dict())
+    state = load_file(str(weights))
+    assert all(t.dtype == torch.float32 for t in state.values())
+    with torch.no_grad():
+        feats = model(torch.randn(2, 3, 32, 32))
+    assert feats.shape == (2, 192) and torch.isfinite(feats).all()
+
+
+def test_resume_is_exact(tiny_shards: Path, tmp_path: Path) -> None:
+    """Stopped at step 3 and resumed == uninterrupted, step by step (fp32 on the CPU).
+
+    Launched like srun (one process per rank) since torchrun reports any non-zero exit as 1.
+    """
+    common = [
+        "mae_vit_tiny_demo",
+        *TINY,
+        *shard_overrides(tiny_shards),
+        "train.zero=zero2",
+        "train.precision=fp32",
+        "train.steps=6",
+        "checkpoint.every=100",
+        "data.num_workers=1",
+    ]
+    full = spawn(2, [*common, f"train.output_dir={tmp_path / 'full'}"])
+    assert full.returncode == 0, _tail(full)
+    part = tmp_path / "part"
+    first = spawn(2, [*common, f"train.output_dir={part}", "train.stop_at=3"])
+    assert first.returncode == EXIT_REQUEUE, _tail(first)
+    assert [p.name for p in complete_checkpoints(part / "checkpoints")] == ["step_00000003"]
+    second = spawn(2, [*common, f"train.output_dir={part}"])
+    assert second.returncode == 0, _tail(second)
+    a = {r["step"]: r for r in read_metrics(tmp_path / "full")}
+    b = {r["step"]: r for r in read_metrics(part)}
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-7), step
+        assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-12)
+    ea = load_file(str(tmp_path / "full" / "export" / "encoder.safetensors"))
+    eb = load_file(str(part / "export" / "encoder.safetensors"))
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_saves_checkpoint_and_exits_75(tiny_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.pretrain",
+        "mae_vit_tiny_demo",
+        *TINY,
+        *shard_overrides(tiny_shards),
+        "train.zero=zero0",
+        "train.precision=fp32",
+        "train.steps=10000",
+        "checkpoint.every=10000",
+        f"train.output_dir={run}",
+    ]
+    env = dict(os.environ, MASTER_PORT=str(29600 + os.getpid() % 1000))
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 2:
+            break
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, out[-3000:]
+    logged = [r["step"] for r in read_metrics(run)]
+    ckpts = complete_checkpoints(run / "checkpoints")
+    assert len(ckpts) == 1
+    assert int(ckpts[0].name.split("_")[1]) == logged[-1]
+    assert logged == list(range(1, logged[-1] + 1))

@@ -1,0 +1,256 @@
+"""MAE pieces against independent computations, and the loss against the reference MAE.
+
+``RefMAE`` below transcribes the published reference implementation
+(facebookresearch/mae, models_mae.py: numpy sin-cos table, random_masking,
+forward_encoder/decoder/loss, patchify with einsum) so that our implementation, which uses
+einops, gather on indices and timm's ViT, is checked against the original formulation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import Block, PatchEmbed
+from torch import nn
+
+from models.methods.mae import MAE, MAEConfig, masked_mse, patchify, random_masking, unpatchify
+from models.pos_embed import sincos_2d
+from models.vit import create_vit, forward_tokens
+
+
+# ---------------------------------------------------------------- reference (numpy) sin-cos
+def ref_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(embed_dim // 2, dtype=np.float64)
+    omega /= embed_dim / 2.0
+    omega = 1.0 / 10000**omega
+    pos = pos.reshape(-1)
+    out = np.einsum("m,d->md", pos, omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def ref_2d(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.meshgrid(grid_w, grid_h)
+    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size, grid_size])
+    emb_h = ref_1d(embed_dim // 2, grid[0])
+    emb_w = ref_1d(embed_dim // 2, grid[1])
+    emb = np.concatenate([emb_h, emb_w], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return emb
+
+
+@pytest.mark.parametrize("dim,grid", [(192, 8), (64, 4), (768, 14)])
+def test_sincos_matches_reference(dim: int, grid: int) -> None:
+    ours = sincos_2d(dim, grid, cls_token=True).numpy()
+    np.testing.assert_allclose(ours, ref_2d(dim, grid, cls_token=True), atol=1e-6)
+
+
+# ---------------------------------------------------------------- patchify
+def test_patchify_matches_reference_einsum_and_roundtrips() -> None:
+    imgs = torch.randn(2, 3, 32, 32)
+    p = 4
+    h = w = 32 // p
+    x = imgs.reshape(2, 3, h, p, w, p)
+    ref = torch.einsum("nchpwq->nhwpqc", x).reshape(2, h * w, p * p * 3)
+    assert torch.equal(patchify(imgs, p), ref)
+    assert torch.equal(unpatchify(patchify(imgs, p), p), imgs)
+    # patch (row 1, col 2) holds pixels [4:8, 8:12]
+    assert torch.equal(patchify(imgs, p)[:, 1 * w + 2].reshape(2, p, p, 3).permute(0, 3, 1, 2),
+                       imgs[:, :, 4:8, 8:12])
+
+
+# ---------------------------------------------------------------- masking
+def test_random_masking_keeps_lowest_noise() -> None:
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(1))
+    ids_keep, mask, ids_restore = random_masking(3, 16, 0.75, noise)
+    assert ids_keep.shape == (3, 4)
+    assert mask.sum(dim=1).tolist() == [12, 12, 12]
+    for b in range(3):
+        lowest = set(torch.topk(noise[b], 4, largest=False).indices.tolist())
+        assert set(ids_keep[b].tolist()) == lowest
+        assert all(mask[b, i] == 0 for i in lowest)
+        # ids_restore inverts the shuffle
+        shuffle = torch.argsort(noise[b])
+        assert torch.equal(shuffle[ids_restore[b]], torch.arange(16))
+
+
+def test_masked_mse_against_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 5, 6, generator=g), torch.randn(2, 5, 6, generator=g)
+    mask = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.float32)
+    for norm in (False, True):
+        total, count = 0.0, 0
+        for b in range(2):
+            for i in range(5):
+                if mask[b, i]:
+                    t = target[b, i]
+                    if norm:
+                        t = (t - t.mean()) / (t.var(unbiased=True) + 1e-6) ** 0.5
+                    total += float(((pred[b, i] - t) ** 2).mean())
+                    count += 1
+        assert masked_mse(pred, target, mask, norm).item() == pytest.approx(total / count, rel=1e-5)
+
+
+# ---------------------------------------------------------------- reference MAE
+class RefMAE(nn.Module):
+    """The reference MaskedAutoencoderViT, transcribed (no changes to the computation)."""
+
+    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim,
+                 decoder_depth, decoder_num_heads, mlp_ratio=4.0, norm_pix_loss=False):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim),
+                                      requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True)
+                                     for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * 3, bias=True)
+        self.norm_pix_loss = norm_pix_loss
+        grid = int(num_patches**0.5)
+        self.pos_embed.data.copy_(torch.from_numpy(ref_2d(embed_dim, grid, True)).float()[None])
+        self.decoder_pos_embed.data.copy_(
+            torch.from_numpy(ref_2d(decoder_embed_dim, grid, True)).float()[None])
+
+    def patchify(self, imgs):
+        p = self.patch_embed.patch_size[0]
+        h = w = imgs.shape[2] // p
+        x = imgs.reshape(shape=(imgs.shape[0], 3, h, p, w, p))
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(shape=(imgs.shape[0], h * w, p**2 * 3))
+
+    def random_masking(self, x, mask_ratio, noise):
+        N, L, D = x.shape
+        len_keep = int(L * (1 - mask_ratio))
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+        mask = torch.ones([N, L], device=x.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, dim=1, index=ids_restore)
+        return x_masked, mask, ids_restore
+
+    def forward_encoder(self, x, mask_ratio, noise):
+        x = self.patch_embed(x)
+        x = x + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        cls_tokens = cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat((cls_tokens, x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x, mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore):
+        x = self.decoder_embed(x)
+        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1)
+        x = x + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        x = self.decoder_pred(x)
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs, pred, mask):
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = (pred - target) ** 2
+        loss = loss.mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio, noise):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def _copy_weights(ours: MAE, ref: RefMAE) -> None:
+    enc = ours.backbone
+    ref_state = ref.state_dict()
+    for name in list(ref_state):
+        if name.startswith(("decoder_", "mask_token")):
+            src = dict(ours.named_parameters()) | dict(ours.named_buffers())
+            ref_state[name] = src[name].detach().clone()
+        else:
+            ref_state[name] = enc.state_dict()[name].detach().clone()
+    ref.load_state_dict(ref_state)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mae_loss_equals_reference(norm_pix: bool) -> None:
+    torch.manual_seed(0)
+    cfg = MAEConfig(mask_ratio=0.75, decoder_dim=64, decoder_depth=2, decoder_heads=4,
+                    norm_pix_loss=norm_pix)
+    ours = MAE(cfg, create_vit("vit_tiny_patch16_224", img_size=32, patch_size=4))
+    ours.backbone.blocks = ours.backbone.blocks[:2]
+    ref = RefMAE(32, 4, 192, 2, 3, 64, 2, 4, norm_pix_loss=norm_pix)
+    _copy_weights(ours, ref)
+    ours.eval()
+    ref.eval()
+    imgs = torch.randn(4, 3, 32, 32)
+    noise = torch.rand(4, 64)
+    loss, pred, mask = ours.forward_with_noise(imgs, noise)
+    ref_loss, ref_pred, ref_mask = ref(imgs, 0.75, noise)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(pred, ref_pred, rtol=1e-5, atol=1e-5)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    # the same noise through forward() gives the same loss: reproducible
+    out = ours({"views": [imgs], "mask_noise": noise})
+    assert out["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_visible_encoding_matches_full_encoding_of_subset() -> None:
+    """Encoding only visible tokens == encoding an image whose tokens are exactly those."""
+    torch.manual_seed(0)
+    vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    all_ids = torch.arange(16).expand(2, -1)
+    torch.testing.assert_close(forward_tokens(vit, imgs, all_ids), forward_tokens(vit, imgs))
+    assert vit.pos_embed.requires_grad is False
+    assert all(b.attn.fused_attn for b in vit.blocks)
+
+
+def test_grad_checkpointing_gives_same_gradients() -> None:
+    torch.manual_seed(0)
+    plain = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8)
+    ckpt = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8,
+                      grad_checkpointing_every=2)
+    ckpt.load_state_dict(plain.state_dict())
+    imgs = torch.randn(2, 3, 32, 32)
+    for m in (plain, ckpt):
+        forward_tokens(m, imgs).square().mean().backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=n)
+
+
+def test_reconstruct_pastes_visible_patches() -> None:
+    torch.manual_seed(0)
+    cfg = MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    mae = MAE(cfg, create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8)).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    recon = mae.reconstruct(imgs, noise)
+    _, mask, _ = random_masking(2, 16, cfg.mask_ratio, noise)
+    visible = patchify(recon, 8)[mask == 0]
+    torch.testing.assert_close(visible, patchify(imgs, 8)[mask == 0])

@@ -1,0 +1,368 @@
+"""Typed run configuration: schema, defaults, validation, recipes and dotted overrides.
+
+A recipe is a TOML file whose tables mirror :class:`RunConfig`. Overrides come from the
+command line as ``section.key=value`` (values parsed as TOML, falling back to a string).
+Unknown keys and invalid values raise ``ConfigError`` with a one-line message, before any
+process group starts. Values that follow from others (global batch, accumulation) are
+computed, never stored twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+PRECISIONS = ("bf16", "fp16", "fp32")
+ZERO_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake, reported on one line."""
+
+
+@dataclass
+class ModelConfig:
+    """The backbone that is pretrained (and later exported)."""
+
+    name: str = "vit_tiny_patch16_224"
+    """A timm model name; ViT sizes come from timm (vit_tiny/small/base/large/huge/giant...)."""
+    img_size: int = 32
+    """Input resolution in pixels (square)."""
+    patch_size: int = 4
+    """ViT patch size; must divide ``img_size``."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth of the encoder blocks."""
+    grad_checkpointing: bool = False
+    """Recompute block activations in the backward pass to save memory."""
+    grad_checkpointing_every: int = 1
+    """With checkpointing on, checkpoint every k-th block only (selective checkpointing)."""
+    cifar_stem: bool = False
+    """For ResNet backbones: a 3x3 stride-1 stem without max-pool, for 32 px images."""
+
+    def __post_init__(self) -> None:
+        if self.img_size <= 0 or self.patch_size <= 0:
+            raise ConfigError("model.img_size and model.patch_size must be positive")
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                f"model.patch_size={self.patch_size} does not divide model.img_size={self.img_size}"
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError("model.drop_path_rate must be in [0, 1)")
+        if self.grad_checkpointing_every < 1:
+            raise ConfigError("model.grad_checkpointing_every must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are streamed."""
+
+    train_shards: str = ""
+    """Brace pattern or comma-separated list of .tar shards (``data/train-{000000..000009}.tar``)."""
+    index: str = ""
+    """JSON index written by make_shards; default: ``index.json`` beside the first shard."""
+    val_shards: str = ""
+    """Labelled shards for online k-NN monitoring and evaluation (optional)."""
+    augmentation: str = "mae"
+    """Augmentation preset: one per method family (see data_pipelines.transforms)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    max_skip_fraction: float = 0.01
+    """Fail when more than this fraction of samples was unreadable."""
+    resampled: bool = False
+    """Draw shards with replacement (infinite stream) instead of epoch-bounded passes."""
+    local_crops: int = 0
+    """Extra small crops for multi-crop presets (DINO)."""
+    local_crop_size: int = 96
+    """Size of the local crops in pixels."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ConfigError("data.max_skip_fraction must be in [0, 1]")
+        if self.local_crops < 0:
+            raise ConfigError("data.local_crops must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (warm-up then cosine, per step)."""
+
+    name: str = "adamw"
+    """adamw (default), lars or lamb."""
+    base_lr: float = 1.5e-4
+    """Learning rate per 256 images: lr = base_lr * global_batch / 256 (MAE's rule)."""
+    min_lr: float = 0.0
+    """Floor of the cosine."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay; never applied to norms, biases, position/class/mask tokens."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    warmup_steps: int = 0
+    """Linear warm-up length in optimizer steps."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value (0: off)."""
+    fused: bool = False
+    """Use a fused AdamW kernel where the device has one."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.name not in ("adamw", "lars", "lamb"):
+            raise ConfigError(f"optim.name={self.name!r} is not one of adamw, lars, lamb")
+        if self.base_lr <= 0:
+            raise ConfigError("optim.base_lr must be > 0")
+        if self.min_lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.clip_grad < 0:
+            raise ConfigError("optim.min_lr, weight_decay, warmup_steps and clip_grad must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("optim.betas must be two numbers in [0, 1)")
+
+    def peak_lr(self, global_batch: int) -> float:
+        return self.base_lr * global_batch / 256
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch, precision and DeepSpeed preset of the run."""
+
+    steps: int = 100
+    """Optimizer steps to train for."""
+    micro_batch: int = 32
+    """Images per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (global batch = micro x accum x world)."""
+    precision: str = "bf16"
+    """bf16, fp16 or fp32."""
+    zero: str = "zero2"
+    """A preset in ds_configs/: zero0, zero1, zero2, zero3, zero3_offload."""
+    seed: int = 0
+    """Seed of every random choice: data order, augmentation, masking, init."""
+    output_dir: str = "runs/default"
+    """Run directory: config, logs, checkpoints and exports go here."""
+    compile: bool = False
+    """torch.compile the blocks."""
+    stop_at: int = 0
+    """Stop with a checkpoint (exit code 75) after this step, as if preempted; 0: never."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.micro_batch < 1 or self.grad_accum < 1:
+            raise ConfigError("train.steps, train.micro_batch and train.grad_accum must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.stop_at < 0:
+            raise ConfigError("train.stop_at must be >= 0")
+        if self.zero not in ZERO_PRESETS:
+            raise ConfigError(f"train.zero={self.zero!r} is not one of {ZERO_PRESETS}")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and which are kept."""
+
+    every: int = 500
+    """Write a checkpoint every N steps (and always at the end)."""
+    keep: int = 3
+    """Keep the last K complete checkpoints."""
+    resume: str = "auto"
+    """auto (latest complete checkpoint in the run directory, if any), none, or a path."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    """What is logged and how often."""
+
+    every: int = 10
+    """Scalars to TensorBoard and JSONL every N steps."""
+    image_every: int = 200
+    """Method pictures (MAE reconstructions) every N steps (0: never)."""
+    monitor_every: int = 50
+    """Collapse monitors every N steps (0: never)."""
+    knn_every: int = 0
+    """Online k-NN on data.val_shards every N steps (0: never)."""
+    progress: bool = True
+    """Show a progress bar with an ETA on rank 0."""
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; each method subclasses it with its own fields."""
+
+    name: str = "mae"
+    """The method: mae, simclr, mocov3, byol, simsiam, dino."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a pretraining run needs; saved as ``config.json`` in the run directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def global_batch(self, world_size: int) -> int:
+        return self.train.micro_batch * self.train.grad_accum * world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if origin is tuple or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        args = hint.__args__
+        item = args[0]
+        return (tuple if origin is tuple else list)(
+            _coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)
+        )
+    return value
+
+
+def build_dataclass(cls: type, raw: dict[str, Any], where: str) -> Any:
+    """Build ``cls`` from ``raw``, refusing unknown keys and values of the wrong type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table, got {raw!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {where + '.' if where else ''}{unknown[0]}; "
+            f"valid keys of {where or 'the config'}: {', '.join(sorted(known))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        hint = hints[f.name]
+        sub = f"{where}.{f.name}" if where else f.name
+        if is_dataclass(hint):
+            kwargs[f.name] = build_dataclass(hint, raw[f.name], sub)  # type: ignore[arg-type]
+        else:
+            kwargs[f.name] = _coerce(raw[f.name], hint, sub)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig; the ``method`` table is typed by the method's own dataclass."""
+    from models.registry import method_config_class
+
+    raw = dict(raw)
+    method_raw = dict(raw.pop("method", {}) or {})
+    name = method_raw.get("name", MethodConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name must be a string, got {name!r}")
+    try:
+        method_cls = method_config_class(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cfg = build_dataclass(RunConfig, raw, "")
+    cfg.method = build_dataclass(method_cls, method_raw, "method")
+    validate_cross(cfg)
+    return cfg
+
+
+def validate_cross(cfg: RunConfig) -> None:
+    """Checks that involve more than one section."""
+    if cfg.log.knn_every and not cfg.data.val_shards:
+        raise ConfigError("log.knn_every needs data.val_shards (labelled shards)")
+
+
+# ---------------------------------------------------------------- recipes and overrides
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override's value as TOML (numbers, booleans, lists); else keep the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = parse_value(text.strip())
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / f"{recipe}.toml"
+    if named.is_file():
+        return named
+    available = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    raise ConfigError(f"recipe {recipe!r} not found (a path, or one of: {', '.join(available)})")
+
+
+def load_raw(recipe: str | None, overrides: list[str]) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    if recipe:
+        path = resolve_recipe_path(recipe)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"recipe {path}: {e}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return raw
+
+
+def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunConfig:
+    return config_from_dict(load_raw(recipe, overrides or []))
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def read_saved_config(path: Path) -> RunConfig:
+    return config_from_dict(json.loads(path.read_text()))

@@ -1,0 +1,84 @@
+"""Rank-0 logging: TensorBoard scalars and images, a JSONL file, and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class RunLogger:
+    """Writes only on rank 0; every other rank gets a logger that does nothing."""
+
+    def __init__(
+        self, run_dir: Path, rank: int, total_steps: int, start_step: int, progress: bool
+    ) -> None:
+        self.enabled = rank == 0
+        self.tb: Any = None
+        self.jsonl: Any = None
+        self.bar: Any = None
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        if progress:
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step",
+                dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+            )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self.tb.add_scalar(key, value, step)
+        row = {"step": step, "time": round(time.time(), 3)}
+        row.update({k.split("/")[-1] if k.startswith("loss_metrics/") else k: v
+                    for k, v in values.items()})
+        self.jsonl.write(json.dumps(row) + "\n")
+
+    def event(self, step: int, **fields: Any) -> None:
+        """A non-metric line in the JSONL (resume, preemption, warnings)."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, "event": fields}) + "\n")
+
+    def image(self, step: int, tag: str, img: torch.Tensor) -> None:
+        if self.enabled:
+            self.tb.add_image(tag, img.float().cpu(), step)
+
+    def progress(self, n: int, postfix: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.tb.flush()
+        self.tb.close()
+        self.jsonl.close()

@@ -1,0 +1,23 @@
+"""Schedules as pure functions of the step, so that resume is exact by construction."""
+
+from __future__ import annotations
+
+import math
+
+
+def warmup_cosine(step: int, total: int, peak: float, warmup: int, floor: float = 0.0) -> float:
+    """Linear warm-up from 0 to ``peak`` over ``warmup`` steps, then cosine down to ``floor``.
+
+    ``step`` counts completed optimizer steps: the value is used for step ``step + 1``.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def cosine_increase(progress: float, start: float, end: float = 1.0) -> float:
+    """From ``start`` at progress 0 to ``end`` at progress 1 along a half cosine (EMA momentum)."""
+    p = min(1.0, max(0.0, progress))
+    return end - (end - start) * (math.cos(math.pi * p) + 1.0) / 2.0

@@ -1,0 +1,303 @@
+"""The one training loop: any method, any ZeRO preset, CPU (gloo) or GPU (NCCL).
+
+``run(cfg)`` builds everything from a validated :class:`RunConfig`, resumes when asked,
+trains for ``cfg.train.steps`` optimizer steps, checkpoints, exports the encoder and
+returns the process exit code (0, or :data:`EXIT_REQUEUE` after a signal).
+The loop never looks at the method's name: it calls ``forward``, ``before_step`` and
+``after_step``, and logs what ``forward`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models.methods.base import Method, StepContext
+from models.registry import create_method
+from train.checkpoint import latest_complete, load_checkpoint, save_checkpoint
+from train.config import RunConfig, save_config
+from train.ds_config import build_ds_config
+from train.metrics import RunLogger, peak_memory_mb
+from train.optim import build_optimizer, param_groups
+from train.preemption import EXIT_REQUEUE, StopFlag
+from train.schedules import warmup_cosine
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+"""A dead rank fails the job after this long instead of hanging it."""
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Rank, world size and device, from torchrun's, deepspeed's or Slurm's environment."""
+    import deepspeed
+
+    from train.dist_env import apply_dist_env, resolve_dist_env
+
+    env = resolve_dist_env(os.environ)
+    apply_dist_env(env)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=COLLECTIVE_TIMEOUT, verbose=False
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """Seed of one micro-step: masking and drop-path noise depend on nothing else."""
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+@dataclass
+class DataPosition:
+    epoch: int
+    batch: int
+
+
+def data_position(step: int, grad_accum: int, batches_per_epoch: int) -> DataPosition:
+    """Where the data stream stands after ``step`` optimizer steps (a pure function)."""
+    consumed = step * grad_accum
+    return DataPosition(consumed // batches_per_epoch, consumed % batches_per_epoch)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    out = dict(batch)
+    out["views"] = [v.to(device, dtype=dtype, non_blocking=True) for v in batch["views"]]
+    if "label" in batch:
+        out["label"] = batch["label"].to(device)
+    return out
+
+
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+class Batches:
+    """Endless micro-batches across epochs, starting at a data position."""
+
+    def __init__(self, loader: Any, pos: DataPosition) -> None:
+        self.loader = loader
+        self.epoch = pos.epoch
+        self.loader.set_epoch(pos.epoch, start_batch=pos.batch)
+        self.it: Iterator[dict[str, Any]] = iter(self.loader)
+        self.skipped = 0
+
+    def next(self) -> dict[str, Any]:
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch, start_batch=0)
+            self.it = iter(self.loader)
+            batch = next(self.it)
+        self.skipped += int(batch.get("skipped", 0))
+        return batch
+
+
+def run(cfg: RunConfig) -> int:
+    import deepspeed
+
+    from data_pipelines.loader import build_loader
+    from data_pipelines.transforms import build_transform
+
+    rank, world, device = init_distributed()
+    run_dir = Path(cfg.train.output_dir)
+    ckpt_root = run_dir / "checkpoints"
+    ds_config = build_ds_config(cfg, world)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+
+    transform = build_transform(
+        cfg.data.augmentation,
+        cfg.model.img_size,
+        local_crops=cfg.data.local_crops,
+        local_crop_size=cfg.data.local_crop_size,
+    )
+    loader = build_loader(
+        cfg.data.train_shards,
+        transform=transform,
+        micro_batch=cfg.train.micro_batch,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed,
+        index_path=cfg.data.index or None,
+        with_labels=False,
+        max_skip_fraction=cfg.data.max_skip_fraction,
+        resampled=cfg.data.resampled,
+    )
+    accum = cfg.train.grad_accum
+    steps_per_epoch = max(1, loader.batches_per_epoch // accum)
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    method: Method = create_method(cfg.method, cfg.model)
+    groups = param_groups(method, cfg.optim.weight_decay, method.no_weight_decay())
+    global_batch = cfg.global_batch(world)
+    peak_lr = cfg.optim.peak_lr(global_batch)
+    optimizer = build_optimizer(
+        cfg.optim.name, groups, peak_lr, cfg.optim.betas, cfg.optim.fused,
+        cpu_offload=cfg.train.zero == "zero3_offload",
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=method, optimizer=optimizer, config=ds_config, dist_init_required=False
+    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        cfg.train.precision
+    ]
+    if hasattr(method, "teacher_to"):
+        method.teacher_to(device, dtype)
+
+    step = 0
+    resume_path = _resume_path(cfg, ckpt_root)
+    if resume_path is not None:
+        meta = load_checkpoint(engine, resume_path, rank, world)
+        step = int(meta["step"])
+    logger = RunLogger(run_dir, rank, cfg.train.steps, step, cfg.log.progress)
+    if resume_path is not None:
+        logger.event(step, resumed_from=str(resume_path))
+        logger.write(f"resumed from {resume_path} at step {step}")
+
+    batches = Batches(loader, data_position(step, accum, loader.batches_per_epoch))
+    stop = StopFlag()
+    samples_per_step = global_batch
+    exit_code = 0
+    last_ckpt = -1
+    try:
+        while step < cfg.train.steps:
+            ctx = StepContext(step, cfg.train.steps, steps_per_epoch)
+            lr = warmup_cosine(step, cfg.train.steps, peak_lr, cfg.optim.warmup_steps,
+                               cfg.optim.min_lr)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            method.before_step(ctx)
+            t0 = time.perf_counter()
+            wait = 0.0
+            parts: dict[str, float] = {}
+            out: dict[str, Any] = {}
+            batch: dict[str, Any] = {}
+            for micro in range(accum):
+                tw = time.perf_counter()
+                batch = _to_device(batches.next(), device, dtype)
+                wait += time.perf_counter() - tw
+                torch.manual_seed(step_seed(cfg.train.seed, step, micro, rank))
+                out = engine(batch)
+                engine.backward(out["loss"])
+                engine.step()
+                for k, v in out.items():
+                    if isinstance(v, torch.Tensor) and v.ndim == 0:
+                        parts[k] = parts.get(k, 0.0) + float(v.detach().float()) / accum
+            step += 1
+            method.after_step(StepContext(step, cfg.train.steps, steps_per_epoch))
+            dt = time.perf_counter() - t0
+            if not math.isfinite(parts["loss"]):
+                raise FloatingPointError(f"loss is {parts['loss']} at step {step}")
+            if step % cfg.log.every == 0 or step == cfg.train.steps:
+                _log_step(logger, cfg, engine, device, step, parts, lr, dt, wait,
+                          samples_per_step, batches, out)
+            if cfg.log.image_every and step % cfg.log.image_every == 0:
+                img = method.visualize(batch)
+                if img is not None:
+                    logger.image(step, "images/method", img)
+            logger.progress(1, {"loss": parts["loss"], "lr": lr})
+            preempted = stop.should_stop(device)
+            stop_here = cfg.train.stop_at and step == cfg.train.stop_at
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted or stop_here:
+                _save(engine, cfg, ckpt_root, step, world, loader, batches, rank)
+                last_ckpt = step
+            if preempted or stop_here:
+                logger.event(step, stopped="signal" if preempted else "stop_at", checkpoint=step)
+                logger.write(f"stopped at step {step} with a checkpoint; exit {EXIT_REQUEUE}")
+                exit_code = EXIT_REQUEUE
+                break
+    finally:
+        stop.restore()
+        logger.close()
+    if exit_code == 0 and last_ckpt == cfg.train.steps:
+        _export(cfg, ckpt_root, step, rank)
+    if dist.is_initialized():
+        dist.barrier()
+    return exit_code
+
+
+def _resume_path(cfg: RunConfig, ckpt_root: Path) -> Path | None:
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return latest_complete(ckpt_root)
+    path = Path(mode)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint.resume={mode!r}: no such checkpoint directory")
+    return path
+
+
+def _save(
+    engine: Any, cfg: RunConfig, root: Path, step: int, world: int, loader: Any,
+    batches: Batches, rank: int,
+) -> None:
+    pos = data_position(step, cfg.train.grad_accum, loader.batches_per_epoch)
+    meta = {
+        "world_size": world,
+        "epoch": pos.epoch,
+        "batch_in_epoch": pos.batch,
+        "samples_seen": step * cfg.global_batch(world),
+        "config": cfg.to_dict(),
+    }
+    save_checkpoint(engine, root, step, meta, cfg.checkpoint.keep, rank)
+
+
+def _log_step(
+    logger: RunLogger, cfg: RunConfig, engine: Any, device: torch.device, step: int,
+    parts: dict[str, float], lr: float, dt: float, wait: float, samples_per_step: int,
+    batches: Batches, out: dict[str, Any],
+) -> None:
+    local = dict(parts)
+    local["skipped"] = float(batches.skipped)
+    mean = _mean_over_ranks(local, device)
+    grad_norm = engine.get_global_grad_norm()
+    values = {f"loss_metrics/{k}": v for k, v in mean.items() if k not in ("loss", "skipped")}
+    values.update(
+        {
+            "loss": mean["loss"],
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "throughput/images_per_s": samples_per_step / dt,
+            "samples_seen": float(step * samples_per_step),
+            "time_metrics/data_loading(%)": 100.0 * wait / dt,
+            "memory/peak_mb": peak_memory_mb(device),
+            "data/skipped_samples": mean["skipped"] * (dist.get_world_size() if dist.is_initialized() else 1),
+        }
+    )
+    logger.scalars(step, values)
+
+
+def _export(cfg: RunConfig, ckpt_root: Path, step: int, rank: int) -> None:
+    from train.export_encoder import export_encoder
+
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        out = export_encoder(ckpt_root / f"step_{step:08d}", Path(cfg.train.output_dir) / "export")
+        print(f"exported encoder: {out}", flush=True)
