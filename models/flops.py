@@ -37,8 +37,9 @@ def mae_forward_flops(
     return flops
 
 
-def vit_forward_flops(img_size: int, patch_size: int, dim: int, depth: int,
-                      mlp_ratio: float = 4.0) -> int:
+def vit_forward_flops(
+    img_size: int, patch_size: int, dim: int, depth: int, mlp_ratio: float = 4.0
+) -> int:
     """Forward FLOPs of one image through a ViT encoder with a class token."""
     length = (img_size // patch_size) ** 2
     return 2 * length * 3 * patch_size * patch_size * dim + depth * block_flops(

@@ -42,7 +42,7 @@ def method_config_class(name: str) -> type:
     return _METHODS[name][0]
 
 
-def create_method(method_cfg: Any, model_cfg: Any) -> "Method":
+def create_method(method_cfg: Any, model_cfg: Any) -> Method:
     import models.methods  # noqa: F401
 
     name = method_cfg.name

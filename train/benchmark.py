@@ -21,7 +21,7 @@ from models.flops import mae_forward_flops
 from models.registry import create_method
 from train.config import load_config
 from train.ds_config import build_ds_config
-from train.optim import build_optimizer, param_groups
+from train.optim import build_optimizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -67,15 +67,20 @@ def main(argv: list[str] | None = None) -> int:
 
     _, world, device = init_distributed()
     overrides = [
-        f"model.name={args.model}", f"model.img_size={args.img_size}",
-        f"model.patch_size={args.patch_size}", f"method.decoder_dim={args.decoder_dim}",
-        f"method.decoder_depth={args.decoder_depth}", f"method.decoder_heads={args.decoder_heads}",
-        f"train.micro_batch={args.batch}", f"train.precision={args.precision}",
-        f"train.zero={args.zero}", f"model.grad_checkpointing={str(args.grad_checkpointing).lower()}",
+        f"model.name={args.model}",
+        f"model.img_size={args.img_size}",
+        f"model.patch_size={args.patch_size}",
+        f"method.decoder_dim={args.decoder_dim}",
+        f"method.decoder_depth={args.decoder_depth}",
+        f"method.decoder_heads={args.decoder_heads}",
+        f"train.micro_batch={args.batch}",
+        f"train.precision={args.precision}",
+        f"train.zero={args.zero}",
+        f"model.grad_checkpointing={str(args.grad_checkpointing).lower()}",
     ]
     cfg = load_config("mae_vit_tiny_demo", overrides)
     method = create_method(cfg.method, cfg.model)
-    groups = param_groups(method, 0.05, method.no_weight_decay())
+    groups = method.param_groups(0.05)
     opt = build_optimizer("adamw", groups, 1e-4, (0.9, 0.95), device.type == "cuda", False)
     engine, _, _, _ = deepspeed.initialize(
         model=method, optimizer=opt, config=build_ds_config(cfg, world), dist_init_required=False
@@ -95,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     images_per_s = args.batch * args.steps * world / elapsed
     vit = method.backbone
     fwd = mae_forward_flops(
-        args.img_size, args.patch_size, vit.embed_dim, len(vit.blocks), args.decoder_dim,
-        args.decoder_depth, cfg.method.mask_ratio,  # type: ignore[attr-defined]
+        args.img_size,
+        args.patch_size,
+        vit.embed_dim,
+        len(vit.blocks),
+        args.decoder_dim,
+        args.decoder_depth,
+        cfg.method.mask_ratio,  # type: ignore[attr-defined]
     )
     achieved = 3 * fwd * images_per_s / 1e12
     peak = args.peak_tflops or measured_matmul_tflops(
@@ -104,13 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     threads = torch.get_num_threads()
-    print(f"\nMAE {args.model} @ {args.img_size}px/p{args.patch_size}, batch {args.batch}, "
-          f"{args.precision}, {args.zero}, {world} process(es), {threads} threads, {hw or 'cpu'}, "
-          f"{date.today()}")
+    print(
+        f"\nMAE {args.model} @ {args.img_size}px/p{args.patch_size}, batch {args.batch}, "
+        f"{args.precision}, {args.zero}, {world} process(es), {threads} threads, {hw or 'cpu'}, "
+        f"{date.today()}"
+    )
     print("| images/s | model GFLOP/img (train) | achieved TFLOP/s | peak matmul TFLOP/s | MFU |")
     print("|---:|---:|---:|---:|---:|")
-    print(f"| {images_per_s:.1f} | {3 * fwd / 1e9:.3f} | {achieved:.4f} | {peak:.4f} | "
-          f"{100 * achieved / peak:.1f}% |")
+    print(
+        f"| {images_per_s:.1f} | {3 * fwd / 1e9:.3f} | {achieved:.4f} | {peak:.4f} | "
+        f"{100 * achieved / peak:.1f}% |"
+    )
     return 0
 
 

@@ -10,6 +10,11 @@ Layout of ``<run>/checkpoints/step_00000100/``:
 * ``meta.json``: step, data position, samples seen, world size, config and code version;
 * ``COMPLETE``: written last, after every rank finished. Only marked checkpoints are resumed
   from or counted; the last ``keep`` marked ones are kept.
+
+Elastic resume: a checkpoint saved at world size N is resumed at world size M != N through
+DeepSpeed's universal checkpoint. Rank 0 converts it once (``ds_to_universal``, into
+``<checkpoint>/universal/``), and the engine is built with ``checkpoint.load_universal``.
+Per-rank RNG states are then not restored: every step reseeds from (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +126,10 @@ def save_checkpoint(
     if rank == 0:
         extra = method.extra_state() if hasattr(method, "extra_state") else {}
         if extra:
-            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()},
-                      str(path / "extra_state.safetensors"))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in extra.items()},
+                str(path / "extra_state.safetensors"),
+            )
     _barrier()
     if rank == 0:
         full = dict(meta, step=step, code_version=code_version())
@@ -137,13 +145,52 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / "meta.json").read_text())
 
 
+UNIVERSAL = "universal"
+
+
+def needs_universal(path: Path, world_size: int) -> bool:
+    """True when the checkpoint was saved at another world size (elastic resume)."""
+    return int(read_meta(path)["world_size"]) != world_size
+
+
+def ensure_universal(path: Path, rank: int) -> None:
+    """Collective: rank 0 converts ``path`` to a universal checkpoint once; others wait."""
+    target = path / UNIVERSAL
+    if rank == 0 and not (target / MARKER).is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(path),
+            "--output_folder",
+            str(target),
+            "--inject_missing_state",
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
+            raise ValueError(f"could not convert {path} to a universal checkpoint: {tail}")
+        _write_atomic(target / MARKER, "universal\n")
+    _barrier()
+
+
 def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict[str, Any]:
     """Collective: restore model, optimizer, method extra state and this rank's RNG."""
     if not (path / MARKER).is_file():
         raise ValueError(f"checkpoint {path} is incomplete (no {MARKER} marker)")
     meta = read_meta(path)
+    if meta["world_size"] != world_size:
+        load_dir, tag = path, UNIVERSAL  # built with checkpoint.load_universal
+    else:
+        load_dir, tag = path.parent, path.name
     load_path, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {path}")

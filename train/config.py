@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
+
+import tomllib
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 PRECISIONS = ("bf16", "fp16", "fp32")

@@ -38,8 +38,13 @@ class RunLogger:
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         if progress:
             self.bar = tqdm(
-                total=total_steps, initial=start_step, desc="train", unit="step",
-                dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
             )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -48,8 +53,9 @@ class RunLogger:
         for key, value in values.items():
             self.tb.add_scalar(key, value, step)
         row = {"step": step, "time": round(time.time(), 3)}
-        row.update({k.split("/")[-1] if k.startswith("loss_metrics/") else k: v
-                    for k, v in values.items()})
+        row.update(
+            {k.split("/")[-1] if k.startswith("loss_metrics/") else k: v for k, v in values.items()}
+        )
         self.jsonl.write(json.dumps(row) + "\n")
 
     def event(self, step: int, **fields: Any) -> None:

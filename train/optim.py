@@ -1,29 +1,13 @@
-"""Optimizers and their parameter groups (no weight decay on norms, biases and tokens)."""
+"""Optimizers: AdamW (torch, fused, or DeepSpeed CPU Adam under offload), LARS and LAMB.
+
+Parameter groups come from the method (``Method.param_groups``).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from torch import nn
-
-
-def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str]) -> list[dict[str, Any]]:
-    """Two groups (decay / no decay) of the trainable parameters, in a stable order."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name in no_decay_names or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-    ]
-    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,11 +26,17 @@ import torch.distributed as dist
 
 from models.methods.base import Method, StepContext
 from models.registry import create_method
-from train.checkpoint import latest_complete, load_checkpoint, save_checkpoint
+from train.checkpoint import (
+    ensure_universal,
+    latest_complete,
+    load_checkpoint,
+    needs_universal,
+    save_checkpoint,
+)
 from train.config import RunConfig, save_config
 from train.ds_config import build_ds_config
 from train.metrics import RunLogger, peak_memory_mb
-from train.optim import build_optimizer, param_groups
+from train.optim import build_optimizer
 from train.preemption import EXIT_REQUEUE, StopFlag
 from train.schedules import warmup_cosine
 
@@ -44,18 +51,25 @@ def init_distributed() -> tuple[int, int, torch.device]:
     from train.dist_env import apply_dist_env, resolve_dist_env
 
     env = resolve_dist_env(os.environ)
+    port_given = "MASTER_PORT" in os.environ
     apply_dist_env(env)
+    if env.source == "default" and not port_given:
+        os.environ["MASTER_PORT"] = str(_free_port())  # a lone process needs no fixed port
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend, timeout=COLLECTIVE_TIMEOUT, verbose=False
-        )
+        deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)
     else:
         device = torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -69,9 +83,17 @@ class DataPosition:
     batch: int
 
 
-def data_position(step: int, grad_accum: int, batches_per_epoch: int) -> DataPosition:
-    """Where the data stream stands after ``step`` optimizer steps (a pure function)."""
-    consumed = step * grad_accum
+def data_position(
+    samples_seen: int, samples_per_batch: int, batches_per_epoch: int
+) -> DataPosition:
+    """Where the data stream stands after ``samples_seen`` images (a pure function).
+
+    ``samples_per_batch`` is micro batch x world size. At an unchanged world size this is
+    exact (resume continues at the next unseen sample of the epoch); after an elastic
+    resume the run keeps its epoch and fraction of it, but the slot split, and so the
+    order inside that epoch, follows the new world size.
+    """
+    consumed = samples_seen // samples_per_batch
     return DataPosition(consumed // batches_per_epoch, consumed % batches_per_epoch)
 
 
@@ -135,6 +157,8 @@ def run(cfg: RunConfig) -> int:
         local_crops=cfg.data.local_crops,
         local_crop_size=cfg.data.local_crop_size,
     )
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    method: Method = create_method(cfg.method, cfg.model)
     loader = build_loader(
         cfg.data.train_shards,
         transform=transform,
@@ -144,22 +168,28 @@ def run(cfg: RunConfig) -> int:
         num_workers=cfg.data.num_workers,
         seed=cfg.train.seed,
         index_path=cfg.data.index or None,
-        with_labels=False,
+        with_labels=method.uses_labels,
         max_skip_fraction=cfg.data.max_skip_fraction,
         resampled=cfg.data.resampled,
     )
     accum = cfg.train.grad_accum
     steps_per_epoch = max(1, loader.batches_per_epoch // accum)
 
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    method: Method = create_method(cfg.method, cfg.model)
-    groups = param_groups(method, cfg.optim.weight_decay, method.no_weight_decay())
+    groups = method.param_groups(cfg.optim.weight_decay)
     global_batch = cfg.global_batch(world)
     peak_lr = cfg.optim.peak_lr(global_batch)
     optimizer = build_optimizer(
-        cfg.optim.name, groups, peak_lr, cfg.optim.betas, cfg.optim.fused,
+        cfg.optim.name,
+        groups,
+        peak_lr,
+        cfg.optim.betas,
+        cfg.optim.fused,
         cpu_offload=cfg.train.zero == "zero3_offload",
     )
+    resume_path = _resume_path(cfg, ckpt_root)
+    if resume_path is not None and needs_universal(resume_path, world):
+        ensure_universal(resume_path, rank)
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=method, optimizer=optimizer, config=ds_config, dist_init_required=False
     )
@@ -170,16 +200,21 @@ def run(cfg: RunConfig) -> int:
         method.teacher_to(device, dtype)
 
     step = 0
-    resume_path = _resume_path(cfg, ckpt_root)
+    samples_at_resume = 0
     if resume_path is not None:
         meta = load_checkpoint(engine, resume_path, rank, world)
         step = int(meta["step"])
+        samples_at_resume = int(meta["samples_seen"])
     logger = RunLogger(run_dir, rank, cfg.train.steps, step, cfg.log.progress)
     if resume_path is not None:
         logger.event(step, resumed_from=str(resume_path))
         logger.write(f"resumed from {resume_path} at step {step}")
 
-    batches = Batches(loader, data_position(step, accum, loader.batches_per_epoch))
+    micro_world = cfg.train.micro_batch * world
+    batches = Batches(
+        loader, data_position(samples_at_resume, micro_world, loader.batches_per_epoch)
+    )
+    resumed_step = step
     stop = StopFlag()
     samples_per_step = global_batch
     exit_code = 0
@@ -187,10 +222,11 @@ def run(cfg: RunConfig) -> int:
     try:
         while step < cfg.train.steps:
             ctx = StepContext(step, cfg.train.steps, steps_per_epoch)
-            lr = warmup_cosine(step, cfg.train.steps, peak_lr, cfg.optim.warmup_steps,
-                               cfg.optim.min_lr)
+            lr = warmup_cosine(
+                step, cfg.train.steps, peak_lr, cfg.optim.warmup_steps, cfg.optim.min_lr
+            )
             for group in engine.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+                group["lr"] = lr * method.lr_scale(group, ctx)
             method.before_step(ctx)
             t0 = time.perf_counter()
             wait = 0.0
@@ -214,8 +250,20 @@ def run(cfg: RunConfig) -> int:
             if not math.isfinite(parts["loss"]):
                 raise FloatingPointError(f"loss is {parts['loss']} at step {step}")
             if step % cfg.log.every == 0 or step == cfg.train.steps:
-                _log_step(logger, cfg, engine, device, step, parts, lr, dt, wait,
-                          samples_per_step, batches, out)
+                seen = samples_at_resume + (step - resumed_step) * samples_per_step
+                _log_step(
+                    logger,
+                    engine,
+                    device,
+                    step,
+                    parts,
+                    lr,
+                    dt,
+                    wait,
+                    samples_per_step,
+                    seen,
+                    batches,
+                )
             if cfg.log.image_every and step % cfg.log.image_every == 0:
                 img = method.visualize(batch)
                 if img is not None:
@@ -223,8 +271,14 @@ def run(cfg: RunConfig) -> int:
             logger.progress(1, {"loss": parts["loss"], "lr": lr})
             preempted = stop.should_stop(device)
             stop_here = cfg.train.stop_at and step == cfg.train.stop_at
-            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted or stop_here:
-                _save(engine, cfg, ckpt_root, step, world, loader, batches, rank)
+            if (
+                step % cfg.checkpoint.every == 0
+                or step == cfg.train.steps
+                or preempted
+                or stop_here
+            ):
+                seen = samples_at_resume + (step - resumed_step) * samples_per_step
+                _save(engine, cfg, ckpt_root, step, world, seen, loader, rank)
                 last_ckpt = step
             if preempted or stop_here:
                 logger.event(step, stopped="signal" if preempted else "stop_at", checkpoint=step)
@@ -254,24 +308,38 @@ def _resume_path(cfg: RunConfig, ckpt_root: Path) -> Path | None:
 
 
 def _save(
-    engine: Any, cfg: RunConfig, root: Path, step: int, world: int, loader: Any,
-    batches: Batches, rank: int,
+    engine: Any,
+    cfg: RunConfig,
+    root: Path,
+    step: int,
+    world: int,
+    samples_seen: int,
+    loader: Any,
+    rank: int,
 ) -> None:
-    pos = data_position(step, cfg.train.grad_accum, loader.batches_per_epoch)
+    pos = data_position(samples_seen, cfg.train.micro_batch * world, loader.batches_per_epoch)
     meta = {
         "world_size": world,
         "epoch": pos.epoch,
         "batch_in_epoch": pos.batch,
-        "samples_seen": step * cfg.global_batch(world),
+        "samples_seen": samples_seen,
         "config": cfg.to_dict(),
     }
     save_checkpoint(engine, root, step, meta, cfg.checkpoint.keep, rank)
 
 
 def _log_step(
-    logger: RunLogger, cfg: RunConfig, engine: Any, device: torch.device, step: int,
-    parts: dict[str, float], lr: float, dt: float, wait: float, samples_per_step: int,
-    batches: Batches, out: dict[str, Any],
+    logger: RunLogger,
+    engine: Any,
+    device: torch.device,
+    step: int,
+    parts: dict[str, float],
+    lr: float,
+    dt: float,
+    wait: float,
+    samples_per_step: int,
+    samples_seen: int,
+    batches: Batches,
 ) -> None:
     local = dict(parts)
     local["skipped"] = float(batches.skipped)
@@ -284,10 +352,11 @@ def _log_step(
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "throughput/images_per_s": samples_per_step / dt,
-            "samples_seen": float(step * samples_per_step),
+            "samples_seen": float(samples_seen),
             "time_metrics/data_loading(%)": 100.0 * wait / dt,
             "memory/peak_mb": peak_memory_mb(device),
-            "data/skipped_samples": mean["skipped"] * (dist.get_world_size() if dist.is_initialized() else 1),
+            "data/skipped_samples": mean["skipped"]
+            * (dist.get_world_size() if dist.is_initialized() else 1),
         }
     )
     logger.scalars(step, values)

@@ -9,8 +9,12 @@ whatever heads, predictors or teachers it needs. The trainer only ever calls:
   ``loss_metrics/<key>``. A method may add ``"embeddings"``: a tuple of two detached
   ``(B, D)`` tensors (two views of the same images) that the collapse monitors read.
 * ``after_step(ctx)``: called once after every optimizer step (EMA teachers, centers).
-* ``no_weight_decay()``: full parameter names that must not get weight decay
-  (norms and biases are excluded by the optimizer anyway, by ``ndim <= 1``).
+* ``no_weight_decay()``: full parameter names that must not get weight decay.
+* ``param_groups(weight_decay)``: optimizer groups; the default puts norms, biases and
+  ``no_weight_decay()`` names in a group without decay. A group's ``lr_scale`` multiplies
+  the scheduled learning rate (layer-wise decay in fine-tuning).
+* ``uses_labels``: True when the method trains on labels (fine-tuning); pretraining
+  methods never read them.
 * ``visualize(batch)``: an optional image grid ``(3, H, W)`` in [0, 1] for TensorBoard.
 
 The trainer never branches on the method's name.
@@ -52,6 +56,7 @@ class Method(nn.Module):
     """Base class of every SSL method; see the module docstring for the contract."""
 
     backbone: nn.Module
+    uses_labels: bool = False
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -73,6 +78,32 @@ class Method(nn.Module):
                 for n in fn():
                     names.add(f"{prefix}.{n}" if prefix else n)
         return names
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Decay / no-decay groups of the trainable parameters, in a stable order."""
+        skip = self.no_weight_decay()
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim <= 1 or name in skip or name.endswith(".bias"):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def lr_scale(self, group: dict[str, Any], ctx: StepContext) -> float:
+        """Multiplier of the scheduled learning rate for one optimizer group at ``ctx.step``.
+
+        The default is the group's static ``lr_scale``; fine-tuning overrides it for a
+        freeze-then-unfreeze schedule (scale 0 while a group is frozen).
+        """
+        return float(group.get("lr_scale", 1.0))
 
     @torch.no_grad()
     def visualize(self, batch: Batch) -> torch.Tensor | None:

@@ -133,3 +133,41 @@ def test_sigterm_saves_checkpoint_and_exits_75(tiny_shards: Path, tmp_path: Path
     assert len(ckpts) == 1
     assert int(ckpts[0].name.split("_")[1]) == logged[-1]
     assert logged == list(range(1, logged[-1] + 1))
+
+
+def test_elastic_resume_two_ranks_to_one(tiny_shards: Path, tmp_path: Path) -> None:
+    """A ZeRO-2 checkpoint of 2 ranks resumes on 1 rank through a universal checkpoint."""
+    run = tmp_path / "run"
+    common = [
+        "mae_vit_tiny_demo",
+        *TINY,
+        *shard_overrides(tiny_shards),
+        "train.zero=zero2",
+        "train.precision=fp32",
+        "train.steps=5",
+        "checkpoint.every=100",
+        f"train.output_dir={run}",
+    ]
+    first = spawn(2, [*common, "train.stop_at=3"])
+    assert first.returncode == EXIT_REQUEUE, _tail(first)
+    ckpt = run / "checkpoints" / "step_00000003"
+    probe = subprocess.run(
+        [sys.executable, "-m", "tests.integration.elastic_probe", str(ckpt)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = [ln for ln in probe.stdout.splitlines() if ln.startswith("ELASTIC")]
+    assert line, probe.stdout[-2000:] + probe.stderr[-2000:]
+    fields = dict(kv.split("=") for kv in line[0].split()[1:])
+    assert float(fields["max_abs_diff"]) == 0.0  # equal to DeepSpeed's zero_to_fp32 merge
+    assert float(fields["moved_from_init"]) > 1e-3  # and those are trained weights
+    assert int(fields["adam_step"]) == 3  # optimizer state came along
+    second = spawn(1, common)
+    assert second.returncode == 0, _tail(second)
+    rows = {r["step"]: r for r in read_metrics(run)}
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    assert rows[3]["samples_seen"] == 3 * 16  # 2 ranks x 8
+    assert rows[5]["samples_seen"] == 3 * 16 + 2 * 8  # then 1 rank x 8
+    assert (ckpt / "universal" / "COMPLETE").is_file()

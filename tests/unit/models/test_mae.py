@@ -58,8 +58,10 @@ def test_patchify_matches_reference_einsum_and_roundtrips() -> None:
     assert torch.equal(patchify(imgs, p), ref)
     assert torch.equal(unpatchify(patchify(imgs, p), p), imgs)
     # patch (row 1, col 2) holds pixels [4:8, 8:12]
-    assert torch.equal(patchify(imgs, p)[:, 1 * w + 2].reshape(2, p, p, 3).permute(0, 3, 1, 2),
-                       imgs[:, :, 4:8, 8:12])
+    assert torch.equal(
+        patchify(imgs, p)[:, 1 * w + 2].reshape(2, p, p, 3).permute(0, 3, 1, 2),
+        imgs[:, :, 4:8, 8:12],
+    )
 
 
 # ---------------------------------------------------------------- masking
@@ -98,31 +100,49 @@ def test_masked_mse_against_loop() -> None:
 class RefMAE(nn.Module):
     """The reference MaskedAutoencoderViT, transcribed (no changes to the computation)."""
 
-    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim,
-                 decoder_depth, decoder_num_heads, mlp_ratio=4.0, norm_pix_loss=False):
+    def __init__(
+        self,
+        img_size,
+        patch_size,
+        embed_dim,
+        depth,
+        num_heads,
+        decoder_embed_dim,
+        decoder_depth,
+        decoder_num_heads,
+        mlp_ratio=4.0,
+        norm_pix_loss=False,
+    ):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim),
-                                      requires_grad=False)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True)
-                                     for _ in range(depth)])
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False
+        )
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
-                                              requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True)
-            for _ in range(decoder_depth)])
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True)
+                for _ in range(decoder_depth)
+            ]
+        )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * 3, bias=True)
         self.norm_pix_loss = norm_pix_loss
         grid = int(num_patches**0.5)
         self.pos_embed.data.copy_(torch.from_numpy(ref_2d(embed_dim, grid, True)).float()[None])
         self.decoder_pos_embed.data.copy_(
-            torch.from_numpy(ref_2d(decoder_embed_dim, grid, True)).float()[None])
+            torch.from_numpy(ref_2d(decoder_embed_dim, grid, True)).float()[None]
+        )
 
     def patchify(self, imgs):
         p = self.patch_embed.patch_size[0]
@@ -199,8 +219,9 @@ def _copy_weights(ours: MAE, ref: RefMAE) -> None:
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_mae_loss_equals_reference(norm_pix: bool) -> None:
     torch.manual_seed(0)
-    cfg = MAEConfig(mask_ratio=0.75, decoder_dim=64, decoder_depth=2, decoder_heads=4,
-                    norm_pix_loss=norm_pix)
+    cfg = MAEConfig(
+        mask_ratio=0.75, decoder_dim=64, decoder_depth=2, decoder_heads=4, norm_pix_loss=norm_pix
+    )
     ours = MAE(cfg, create_vit("vit_tiny_patch16_224", img_size=32, patch_size=4))
     ours.backbone.blocks = ours.backbone.blocks[:2]
     ref = RefMAE(32, 4, 192, 2, 3, 64, 2, 4, norm_pix_loss=norm_pix)
@@ -233,8 +254,7 @@ def test_visible_encoding_matches_full_encoding_of_subset() -> None:
 def test_grad_checkpointing_gives_same_gradients() -> None:
     torch.manual_seed(0)
     plain = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8)
-    ckpt = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8,
-                      grad_checkpointing_every=2)
+    ckpt = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, grad_checkpointing_every=2)
     ckpt.load_state_dict(plain.state_dict())
     imgs = torch.randn(2, 3, 32, 32)
     for m in (plain, ckpt):

@@ -33,8 +33,14 @@ def test_every_recipe_builds_with_every_preset(recipe: str) -> None:
 def test_overrides_are_typed_and_applied() -> None:
     cfg = load_config(
         "mae_vit_tiny_demo",
-        ["optim.base_lr=1e-4", "train.steps=7", "method.mask_ratio=0.6", "optim.betas=[0.8, 0.9]",
-         "train.output_dir=/tmp/x", "model.grad_checkpointing=true"],
+        [
+            "optim.base_lr=1e-4",
+            "train.steps=7",
+            "method.mask_ratio=0.6",
+            "optim.betas=[0.8, 0.9]",
+            "train.output_dir=/tmp/x",
+            "model.grad_checkpointing=true",
+        ],
     )
     assert cfg.optim.base_lr == 1e-4 and cfg.train.steps == 7
     assert cfg.method.mask_ratio == 0.6  # type: ignore[attr-defined]
@@ -92,12 +98,23 @@ def test_ds_config_unknown_keys_refused() -> None:
 
 def test_cli_refuses_bad_key_before_any_process_group(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "train.pretrain", "mae_vit_tiny_demo", "optim.lr=1",
-         f"train.output_dir={tmp_path}/run"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "train.pretrain",
+            "mae_vit_tiny_demo",
+            "optim.lr=1",
+            f"train.output_dir={tmp_path}/run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.strip().splitlines() if "config error" in ln]
-    assert lines == ["config error: unknown key optim.lr; valid keys of optim: base_lr, betas, "
-                     "clip_grad, fused, min_lr, name, warmup_steps, weight_decay"]
+    assert lines == [
+        "config error: unknown key optim.lr; valid keys of optim: base_lr, betas, "
+        "clip_grad, fused, min_lr, name, warmup_steps, weight_decay"
+    ]
     assert not (tmp_path / "run").exists()

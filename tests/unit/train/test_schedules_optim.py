@@ -9,7 +9,6 @@ import torch
 
 from models.registry import create_method
 from train.config import load_config
-from train.optim import param_groups
 from train.schedules import cosine_increase, warmup_cosine
 
 
@@ -33,7 +32,7 @@ def test_cosine_increase_endpoints() -> None:
 def test_no_weight_decay_on_norms_biases_and_tokens() -> None:
     cfg = load_config("mae_vit_tiny_demo", [])
     method = create_method(cfg.method, cfg.model)
-    groups = param_groups(method, 0.05, method.no_weight_decay())
+    groups = method.param_groups(0.05)
     names = {id(p): n for n, p in method.named_parameters()}
     decay = {names[id(p)] for p in groups[0]["params"]}
     no_decay = {names[id(p)] for p in groups[1]["params"]}
