@@ -63,7 +63,7 @@ class DataConfig:
     """Where the images come from and how they are streamed."""
 
     train_shards: str = ""
-    """Brace pattern or comma-separated list of .tar shards (``data/train-{000000..000009}.tar``)."""
+    """Brace pattern or comma-separated list of .tar shards (``d/train-{000000..000009}.tar``)."""
     index: str = ""
     """JSON index written by make_shards; default: ``index.json`` beside the first shard."""
     val_shards: str = ""

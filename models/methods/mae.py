@@ -55,7 +55,7 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
 
 def unpatchify(x: torch.Tensor, p: int, channels: int = 3) -> torch.Tensor:
     """``(B, L, p*p*C) -> (B, C, H, W)``; the inverse of :func:`patchify` for square grids."""
-    h = int(round(x.shape[1] ** 0.5))
+    h = round(x.shape[1] ** 0.5)
     if h * h != x.shape[1]:
         raise ValueError(f"unpatchify needs a square number of patches, got {x.shape[1]}")
     return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p, c=channels)
@@ -101,7 +101,7 @@ class MAE(Method):
         self.backbone = backbone
         self.patch_size: int = backbone.patch_embed.patch_size[0]
         length = num_patches(backbone)
-        grid = int(round(length**0.5))
+        grid = round(length**0.5)
         dim = cfg.decoder_dim
         self.decoder_embed = nn.Linear(backbone.embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -16,10 +17,10 @@ def test_warmup_then_cosine() -> None:
     peak, total, warm = 1.0, 110, 10
     lrs = [warmup_cosine(s, total, peak, warm, floor=0.1) for s in range(total)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(lrs[:10]))
     # halfway through the cosine: floor + (peak - floor) / 2
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert warmup_cosine(total, total, peak, warm, 0.1) == pytest.approx(0.1)
 
 
