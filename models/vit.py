@@ -88,6 +88,21 @@ def forward_tokens(
     return vit.norm(x)
 
 
+def token_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The class token and position table of every ViT inside ``model``.
+
+    :func:`forward_tokens` reads them without calling ``VisionTransformer.forward``, so under
+    ZeRO-3 they must be registered as external parameters of the module whose forward runs
+    (``deepspeed.zero.register_external_parameter``), or they stay partitioned and empty.
+    """
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, VisionTransformer)
+        for p in m.parameters(recurse=False)
+    ]
+
+
 def pool_tokens(tokens: torch.Tensor, kind: str = "cls") -> torch.Tensor:
     """``(B, 1 + L, D) -> (B, D)``: the class token, or the mean of the patch tokens."""
     if kind == "cls":

@@ -44,6 +44,10 @@ class ModelConfig:
     """With checkpointing on, checkpoint every k-th block only (selective checkpointing)."""
     cifar_stem: bool = False
     """For ResNet backbones: a 3x3 stride-1 stem without max-pool, for 32 px images."""
+    fused_layernorm: bool = False
+    """Replace LayerNorm with apex's FusedLayerNorm when apex is installed (warns otherwise)."""
+    channels_last: bool = False
+    """Channels-last memory format for convolutional backbones and their inputs."""
 
     def __post_init__(self) -> None:
         if self.img_size <= 0 or self.patch_size <= 0:
@@ -145,7 +149,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Run directory: config, logs, checkpoints and exports go here."""
     compile: bool = False
-    """torch.compile the blocks."""
+    """torch.compile every block in place (ViT blocks, ResNet blocks)."""
     stop_at: int = 0
     """Stop with a checkpoint (exit code 75) after this step, as if preempted; 0: never."""
 
@@ -302,6 +306,13 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
 
 def validate_cross(cfg: RunConfig) -> None:
     """Checks that involve more than one section."""
+    if cfg.optim.name in ("lars", "lamb") and (
+        cfg.train.zero != "zero0" or cfg.train.precision != "fp32"
+    ):
+        raise ConfigError(
+            f"optim.name={cfg.optim.name} needs train.zero=zero0 and train.precision=fp32: "
+            "ZeRO and DeepSpeed's bf16/fp16 optimizers hand it flat partitions, not layers"
+        )
     if cfg.log.knn_every and not cfg.data.val_shards:
         raise ConfigError("log.knn_every needs data.val_shards (labelled shards)")
 

@@ -9,6 +9,7 @@ The loop never looks at the method's name: it calls ``forward``, ``before_step``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from models.methods.base import Method, StepContext
 from models.registry import create_method
+from models.vit import token_parameters
 from train.checkpoint import (
     ensure_universal,
     latest_complete,
@@ -101,9 +103,14 @@ def data_position(
     return DataPosition(consumed // batches_per_epoch, consumed % batches_per_epoch)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def _to_device(
+    batch: dict[str, Any], device: torch.device, dtype: torch.dtype, channels_last: bool
+) -> dict[str, Any]:
     out = dict(batch)
-    out["views"] = [v.to(device, dtype=dtype, non_blocking=True) for v in batch["views"]]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out["views"] = [
+        v.to(device, dtype=dtype, non_blocking=True, memory_format=fmt) for v in batch["views"]
+    ]
     if "label" in batch:
         out["label"] = batch["label"].to(device)
     return out
@@ -179,6 +186,11 @@ def run(cfg: RunConfig) -> int:
     accum = cfg.train.grad_accum
     steps_per_epoch = max(1, loader.batches_per_epoch // accum)
 
+    _apply_speed_switches(method, cfg)
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    if zero3:
+        for p in token_parameters(method):
+            deepspeed.zero.register_external_parameter(method, p)
     groups = method.param_groups(cfg.optim.weight_decay)
     global_batch = cfg.global_batch(world)
     peak_lr = cfg.optim.peak_lr(global_batch)
@@ -239,7 +251,7 @@ def run(cfg: RunConfig) -> int:
             batch: dict[str, Any] = {}
             for micro in range(accum):
                 tw = time.perf_counter()
-                batch = _to_device(batches.next(), device, dtype)
+                batch = _to_device(batches.next(), device, dtype, cfg.model.channels_last)
                 wait += time.perf_counter() - tw
                 torch.manual_seed(step_seed(cfg.train.seed, step, micro, rank))
                 out = engine(batch)
@@ -269,7 +281,8 @@ def run(cfg: RunConfig) -> int:
                     batches,
                 )
             if cfg.log.image_every and step % cfg.log.image_every == 0:
-                img = method.visualize(batch)
+                with _gathered_direct_params(method, zero3):
+                    img = method.visualize(batch)
                 if img is not None:
                     logger.image(step, "images/method", img)
             logger.progress(1, {"loss": parts["loss"], "lr": lr})
@@ -297,6 +310,28 @@ def run(cfg: RunConfig) -> int:
     if dist.is_initialized():
         dist.barrier()
     return exit_code
+
+
+def _gathered_direct_params(method: Method, zero3: bool) -> Any:
+    """Under ZeRO-3, gather the parameters no submodule's forward gathers (calls outside
+    ``engine(batch)``, such as pictures); a no-op otherwise."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    params = list(method.parameters(recurse=False)) + token_parameters(method)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _apply_speed_switches(method: Method, cfg: RunConfig) -> None:
+    from models.speed import compile_blocks, fuse_layernorms, to_channels_last
+
+    if cfg.model.fused_layernorm:
+        fuse_layernorms(method)
+    if cfg.model.channels_last:
+        to_channels_last(method)
+    if cfg.train.compile:
+        compile_blocks(method)
 
 
 def _resume_path(cfg: RunConfig, ckpt_root: Path) -> Path | None:
