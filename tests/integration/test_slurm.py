@@ -159,30 +159,13 @@ def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Workload:
 
 
 @pytest.fixture(scope="session")
-def workload(tmp_path_factory: pytest.TempPathFactory, stand_in: Workload) -> Workload:
+def workload(stand_in: Workload, request: pytest.FixtureRequest) -> Workload:
     """The real trainer on tiny MAE when the checkout has it, else the stand-in."""
     if not real_trainer_available():
         return stand_in
-    data = tmp_path_factory.mktemp("data")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_pipelines.synthetic",
-            "--out",
-            str(data),
-            "--train-per-class",
-            "32",
-            "--val-per-class",
-            "4",
-        ],
-        cwd=PROJECT,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    data: Path = request.getfixturevalue("tiny_shards")  # tests/integration/conftest.py
     shards = sorted(str(p) for p in data.rglob("train-*.tar"))
-    assert shards, f"data_pipelines.synthetic wrote no train-*.tar under {data}"
+    assert shards, f"no train-*.tar under {data}"
     # bf16 on a CPU without native bf16 is emulated and several times slower.
     precision = "bf16" if _cpu_has_native_bf16() else "fp32"
     overrides = [

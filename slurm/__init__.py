@@ -1,0 +1,1 @@
+"""sbatch templates and the submit helper (``python -m slurm.submit``)."""
