@@ -48,7 +48,16 @@ def split_top_level(spec: str) -> list[str]:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Brace pattern (``d/train-{000000..000009}.tar``) or comma list -> existing shard paths."""
+    """Brace pattern (``d/train-{000000..000009}.tar``), comma list, or a folder written by
+    make_shards (its index.json lists the shards) -> existing shard paths."""
+    if os.path.isdir(spec.strip()):
+        folder = spec.strip()
+        index = os.path.join(folder, INDEX_NAME)
+        if os.path.isfile(index):
+            names = [entry["name"] for entry in load_index_json(index)["shards"]]
+        else:
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".tar"))
+        spec = ",".join(os.path.join(folder, n) for n in names)
     shards = [path for part in split_top_level(spec) for path in braceexpand(part)]
     if not shards:
         raise ValueError(f"no shards in {spec!r}")

@@ -280,6 +280,8 @@ def run(cfg: RunConfig) -> int:
                     seen,
                     batches,
                 )
+            if cfg.log.monitor_every and step % cfg.log.monitor_every == 0:
+                _monitor_collapse(logger, step, out)
             if cfg.log.image_every and step % cfg.log.image_every == 0:
                 with _gathered_direct_params(method, zero3):
                     img = method.visualize(batch)
@@ -399,6 +401,22 @@ def _log_step(
         }
     )
     logger.scalars(step, values)
+
+
+def _monitor_collapse(logger: RunLogger, step: int, out: dict[str, Any]) -> None:
+    """Collapse monitors on the method's two-view embeddings, when it returns them."""
+    from models.collapse import collapse_metrics, collapse_warning
+
+    embeddings = out.get("embeddings")
+    if embeddings is None:
+        return
+    z1, z2 = (z.detach().float() for z in embeddings)
+    metrics = collapse_metrics(z1, z2)
+    logger.scalars(step, {f"collapse/{k}": v for k, v in metrics.items()})
+    warning = collapse_warning(metrics)
+    if warning:
+        logger.event(step, collapse=warning)
+        logger.write(f"WARNING step {step}: representation collapse suspected: {warning}")
 
 
 def _export(cfg: RunConfig, ckpt_root: Path, step: int, rank: int) -> None:

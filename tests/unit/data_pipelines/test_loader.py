@@ -182,6 +182,8 @@ def test_expand_shards_brace_and_comma(id_shards: list[Path]) -> None:
         expand_shards(f"{folder}/s-{{000000..000006}}.tar")
     with pytest.raises(ValueError, match="no shards"):
         expand_shards(" , ")
+    # a folder: the shards its index lists, in the index's order (here: the same six)
+    assert expand_shards(str(folder)) == [str(p) for p in id_shards]
 
 
 def test_index_counts_and_scan_fallback(id_shards: list[Path]) -> None:
