@@ -59,7 +59,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
-def spawn(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def spawn(
+    nproc: int, args: list[str], timeout: float = 300, module: str = "train.pretrain"
+) -> subprocess.CompletedProcess:
     """N processes of ``python -m train.pretrain ARGS`` with rank variables, as srun starts them.
 
     Unlike torchrun, which turns any non-zero exit into 1, this keeps rank 0's exit code
@@ -81,7 +83,7 @@ def spawn(nproc: int, args: list[str], timeout: float = 300) -> subprocess.Compl
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "train.pretrain", *args],
+                [sys.executable, "-m", module, *args],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,

@@ -1,0 +1,28 @@
+"""``python -m tests.integration.methods_probe SPEC.json``: several trainer runs, one start-up.
+
+Each rank reads a list of ``{"recipe": ..., "overrides": [...]}`` and calls
+``train.trainer.run`` for each in turn inside one process group, so that the smoke runs of
+every method pay for DeepSpeed's start-up once. Prints ``RUN <i> EXIT <code>`` per run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from train.config import load_config
+from train.trainer import run
+
+
+def main() -> int:
+    spec = json.loads(open(sys.argv[1]).read())
+    worst = 0
+    for i, item in enumerate(spec):
+        code = run(load_config(item["recipe"], item["overrides"]))
+        print(f"RUN {i} EXIT {code}", flush=True)
+        worst = max(worst, code)
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())
