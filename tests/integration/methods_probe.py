@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from train.config import load_config
 from train.trainer import run
 
 
 def main() -> int:
-    spec = json.loads(open(sys.argv[1]).read())
+    spec = json.loads(Path(sys.argv[1]).read_text())
     worst = 0
     for i, item in enumerate(spec):
         code = run(load_config(item["recipe"], item["overrides"]))

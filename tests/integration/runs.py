@@ -37,21 +37,43 @@ def shard_overrides(root: Path) -> list[str]:
     return [f"data.train_shards={json.dumps(spec)}", f"data.index={root / 'train' / 'index.json'}"]
 
 
-def launch(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node N -m train.pretrain ARGS`` on the CPU (gloo)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "train.pretrain",
-        *args,
-    ]
+def launch(
+    nproc: int, args: list[str], timeout: float = 300, nnodes: int = 1
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m train.pretrain ARGS`` on the CPU (gloo).
+
+    With ``nnodes > 1``, one torchrun per simulated node over loopback (``--nnodes``,
+    ``--node_rank``, static rendezvous at 127.0.0.1), as on a real multi-node job.
+    Returns node 0's result with every node's output.
+    """
+    port = str(free_port())
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    procs = []
+    for node in range(nnodes):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nnodes}",
+            f"--node_rank={node}",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "train.pretrain",
+            *args,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    codes = [p.returncode for p in procs]
+    code = codes[0] if len(set(codes)) == 1 else -999
+    return subprocess.CompletedProcess(
+        procs[0].args, code, "".join(o for o, _ in outs), "".join(e for _, e in outs)
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

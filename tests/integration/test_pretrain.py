@@ -31,9 +31,12 @@ def _tail(proc: subprocess.CompletedProcess) -> str:
 def test_two_process_bf16_run_checkpoints_and_exports(
     zero: str, tiny_shards: Path, tmp_path: Path
 ) -> None:
+    """ZeRO-2 runs as 2 simulated nodes x 1 process (torchrun --nnodes 2 over loopback),
+    ZeRO-3 as 1 node x 2 processes."""
     run = tmp_path / "run"
+    nodes, per_node = (2, 1) if zero == "zero2" else (1, 2)
     proc = launch(
-        2,
+        per_node,
         [
             "mae_vit_tiny_demo",
             *TINY,
@@ -49,6 +52,7 @@ def test_two_process_bf16_run_checkpoints_and_exports(
             "checkpoint.keep=1",
             f"train.output_dir={run}",
         ],
+        nnodes=nodes,
     )
     assert proc.returncode == 0, _tail(proc)
     rows = read_metrics(run)
