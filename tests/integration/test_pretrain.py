@@ -179,3 +179,22 @@ def test_elastic_resume_two_ranks_to_one(tiny_shards: Path, tmp_path: Path) -> N
     assert rows[3]["samples_seen"] == 3 * 16  # 2 ranks x 8
     assert rows[5]["samples_seen"] == 3 * 16 + 2 * 8  # then 1 rank x 8
     assert (ckpt / "universal" / "COMPLETE").is_file()
+
+
+def test_missing_shard_is_one_line_error_before_training(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    missing = tmp_path / "nowhere" / "train-000000.tar"
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.pretrain",
+        "mae_vit_tiny_demo",
+        *TINY,
+        f"data.train_shards={missing}",
+        f"train.output_dir={run}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: shard not found: {missing}"]
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
