@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned to the releases on this project's machines (never newer than 2.14.1).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint venv data clean bench
+.PHONY: demo demo-full test lint venv data clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ data: data/default/train/index.json
 
 demo: $(STAMP) data
 	$(BIN)/python -m train.demo
+
+# the whole chain on the embedded data: pretrain -> evaluate -> distil -> INT8 + ONNX artefact
+demo-full: $(STAMP) data
+	$(BIN)/python -m train.export pipeline export_pipeline_demo
 
 test: $(STAMP)
 	$(BIN)/ruff check train models data_pipelines slurm tests

@@ -51,7 +51,7 @@ def create_vit(
         vit.pos_embed.copy_(pe.unsqueeze(0))
     vit.pos_embed.requires_grad_(False)
     for block in vit.blocks:
-        block.attn.fused_attn = True  # F.scaled_dot_product_attention (flash / mem-efficient)
+        block.attn.fused_attn = True  # type: ignore[union-attr]  # F.sdpa: flash / mem-efficient
     vit.ckpt_every = grad_checkpointing_every  # type: ignore[assignment]
     # MAE's initialisation: patch projection like a linear layer, tokens N(0, 0.02).
     w = vit.patch_embed.proj.weight
@@ -71,12 +71,14 @@ def forward_tokens(
 
     With ``ids_keep: (B, L')`` only those patches are encoded (MAE); else all ``L``.
     """
+    pos_embed, cls_token = vit.pos_embed, vit.cls_token
+    assert pos_embed is not None and cls_token is not None  # create_vit guarantees both
     x = vit.patch_embed(imgs)  # (B, L, D)
-    x = x + vit.pos_embed[:, 1:, :]
+    x = x + pos_embed[:, 1:, :]
     if ids_keep is not None:
         index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, L', D)
         x = torch.gather(x, dim=1, index=index)
-    cls = (vit.cls_token + vit.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+    cls = (cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # (B, 1, D)
     x = torch.cat([cls, x], dim=1)
     x = vit.norm_pre(x)
     every = int(getattr(vit, "ckpt_every", 0))

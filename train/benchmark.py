@@ -16,6 +16,7 @@ import time
 from datetime import date
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from models.flops import mae_forward_flops
 from models.registry import create_method
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
     images_per_s = args.batch * args.steps * world / elapsed
     vit = method.backbone
+    assert isinstance(vit, VisionTransformer)
     fwd = mae_forward_flops(
         args.img_size,
         args.patch_size,

@@ -213,7 +213,7 @@ def run(cfg: RunConfig) -> int:
         cfg.train.precision
     ]
     if hasattr(method, "teacher_to"):
-        method.teacher_to(device, dtype)
+        method.teacher_to(device, dtype)  # type: ignore[operator]
 
     step = 0
     samples_at_resume = 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from models.methods.base import Batch, Method
@@ -95,11 +95,13 @@ def masked_mse(
 class MAE(Method):
     """Encoder = ``self.backbone`` (a timm ViT, exported); decoder is dropped after pretraining."""
 
-    def __init__(self, cfg: MAEConfig, backbone: nn.Module) -> None:
+    backbone: VisionTransformer
+
+    def __init__(self, cfg: MAEConfig, backbone: VisionTransformer) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.patch_size: int = backbone.patch_embed.patch_size[0]
+        self.patch_size = int(backbone.patch_embed.patch_size[0])
         length = num_patches(backbone)
         grid = round(length**0.5)
         dim = cfg.decoder_dim
@@ -113,7 +115,7 @@ class MAE(Method):
             for _ in range(cfg.decoder_depth)
         )
         for block in self.decoder_blocks:
-            block.attn.fused_attn = True
+            block.attn.fused_attn = True  # type: ignore[union-attr]
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dim, self.patch_size**2 * 3)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -146,7 +148,7 @@ class MAE(Method):
         ids_keep, mask, ids_restore = random_masking(
             imgs.shape[0], length, self.cfg.mask_ratio, noise
         )
-        latent = forward_tokens(self.backbone, imgs, ids_keep)  # type: ignore[arg-type]
+        latent = forward_tokens(self.backbone, imgs, ids_keep)
         pred = self.decode(latent, ids_restore)
         loss = masked_mse(pred, patchify(imgs, self.patch_size), mask, self.cfg.norm_pix_loss)
         return loss, pred, mask

@@ -1,0 +1,57 @@
+"""FP32 ONNX and TorchScript exports match PyTorch (ViT and MobileNetV3, tiny inputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+
+from models.vit import create_vit
+from train.edge.onnx_export import InferenceModel, export_onnx, export_torchscript
+
+
+def _ort(path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("arch", ["vit", "mobilenetv3"])
+def test_onnx_fp32_matches_pytorch_with_dynamic_batch(arch, tmp_path):
+    torch.manual_seed(0)
+    if arch == "vit":
+        backbone = create_vit("vit_tiny_patch16_224", 32, 8)
+        backbone.blocks = backbone.blocks[:2]
+    else:
+        backbone = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0)
+    model = InferenceModel(backbone)
+    res = export_onnx(model, tmp_path / "m.onnx", 32, exporter="torchscript")
+    assert res.exporter == "torchscript" and res.max_abs_diff < 1e-4
+    for batch in (1, 5):  # export used batch 2: the axis must be dynamic
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            ref = model(x).numpy()
+            if arch == "vit":  # independent: the class token of timm's own forward
+                np.testing.assert_allclose(ref, backbone(x).numpy(), atol=1e-5)
+        got = _ort(tmp_path / "m.onnx", x.numpy())
+        assert (
+            got.shape
+            == ref.shape
+            == (batch, getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        )
+        assert np.abs(got - ref).max() < 1e-4
+    ts = export_torchscript(model, tmp_path / "m.pt", 32)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(ts))(x), model(x), atol=1e-5)
+
+
+def test_onnx_check_refuses_a_wrong_export(tmp_path):
+    from train.edge.onnx_export import check_onnx
+
+    model = InferenceModel(timm.create_model("mobilenetv3_small_050", num_classes=0))
+    export_onnx(model, tmp_path / "m.onnx", 32, exporter="torchscript", check=False)
+    other = InferenceModel(timm.create_model("mobilenetv3_small_050", num_classes=0))
+    with pytest.raises(ValueError, match="differs from PyTorch"):
+        check_onnx(other, tmp_path / "m.onnx", 32)

@@ -1,0 +1,56 @@
+"""Fake-quant modules, the QAT loop and the sensitivity scan on the toy model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.edge import qat
+from train.edge.data import load_images
+from train.edge.onnx_export import export_onnx
+from train.edge.sensitivity import scan, write_report
+
+
+def test_fake_quant_weight_is_per_channel_symmetric_int8():
+    w = torch.randn(4, 3, 3, 3) * torch.tensor([0.1, 1.0, 10.0, 0.01]).view(4, 1, 1, 1)
+    q = qat.fake_quant_weight(w)
+    scale = w.abs().flatten(1).amax(1) / 127  # independent: max |w| per output channel
+    codes = q / scale.view(4, 1, 1, 1)
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert ((q - w).abs() <= scale.view(4, 1, 1, 1) / 2 + 1e-7).all()
+
+
+def test_prepare_and_strip_keep_parameter_names():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    m(torch.randn(1, 3, 8, 8))
+    names = list(m.state_dict())
+    qat.prepare(m)
+    assert type(m[0]) is qat.FakeQuantConv2d and list(m.state_dict()) == names
+    m(torch.randn(2, 3, 8, 8))
+    qat.strip(m)
+    assert type(m[0]) is nn.Conv2d and list(m.state_dict()) == names
+
+
+def test_qat_finetune_returns_a_float_model(toy_data, toy_model):
+    train = load_images(toy_data["train"], 32, limit=64)
+    tuned, losses = qat.qat_finetune(
+        toy_model, train.images, labels=train.labels, kind="logits", steps=3, batch_size=16
+    )
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert not any(
+        isinstance(m, (qat.FakeQuantConv2d, qat.FakeQuantLinear)) for m in tuned.modules()
+    )
+    assert set(tuned.state_dict()) == set(toy_model.state_dict())
+
+
+def test_sensitivity_scan_ranks_nodes(toy_data, toy_model, tmp_path):
+    fp32 = export_onnx(toy_model, tmp_path / "m.onnx", 32, exporter="torchscript").path
+    imgs = load_images(toy_data["val"], 32, limit=32).images
+    res = scan(fp32, imgs[:16], imgs, "logits", max_nodes=2)
+    assert res["num_nodes"] == 2 and len(res["nodes"]) == 2
+    gains = [r["excluded_gain"] for r in res["nodes"]]
+    assert gains == sorted(gains, reverse=True)
+    for r in res["nodes"]:
+        assert 0 <= r["alone_cost"] < 0.5 and 0 <= r["alone"]["agreement"] <= 100
+    js, md = write_report(res, tmp_path)
+    assert js.is_file() and "| 1 |" in md.read_text()

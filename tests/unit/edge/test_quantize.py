@@ -1,0 +1,120 @@
+"""INT8 on a toy task: runs, stays within the accepted drop, and the refusal works."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from train.config import ConfigError
+from train.edge.config import ExportConfig, load_export_config
+from train.edge.data import load_images
+from train.edge.onnx_export import ort_session, run_onnx
+from train.edge.run import run_export
+
+
+def _cfg(toy_data, out, **over) -> ExportConfig:
+    items = [
+        f"data.train={toy_data['train']}",
+        f"data.val={toy_data['val']}",
+        f"output_dir={out}",
+        "exporter=torchscript",
+        "torchscript=false",
+        "quant.calibration_images=64",
+        "verify.repeats=2",
+        "verify.warmup=0",
+        "verify.batch_sizes=[1, 4]",
+        "qat.enabled=false",
+    ] + [f"{k}={v}" for k, v in over.items()]
+    return load_export_config("export_default", items)
+
+
+@pytest.fixture(scope="module")
+def artefact(toy_data, toy_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_artefact")
+    report = run_export(_cfg(toy_data, out), model=toy_model, img_size=32)
+    return out, report
+
+
+def test_int8_artefact_accuracy_within_threshold(artefact, toy_data, toy_model):
+    out, report = artefact
+    for name in (
+        "model.int8.onnx",
+        "model.fp32.onnx",
+        "preprocess.json",
+        "classes.json",
+        "report.json",
+        "report.md",
+        "MODEL_CARD.md",
+        "infer.py",
+    ):
+        assert (out / name).is_file(), name
+    graph = onnx.load(str(out / "model.int8.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops  # QDQ format
+    # Independent accuracy: PyTorch on the same eval images, INT8 ONNX Runtime on them.
+    val = load_images(toy_data["val"], 32)
+    with torch.no_grad():
+        fp = toy_model(torch.from_numpy(val.images)).argmax(1).numpy()
+    q = run_onnx(ort_session(out / "model.int8.onnx"), val.images).argmax(1)
+    acc_fp, acc_q = 100 * (fp == val.labels).mean(), 100 * (q == val.labels).mean()
+    assert acc_fp > 20  # the toy model learned something (chance: 10%)
+    assert report["models"]["fp32"]["accuracy"] == pytest.approx(acc_fp, abs=1e-6)
+    assert report["models"]["int8"]["accuracy"] == pytest.approx(acc_q, abs=1e-6)
+    assert acc_fp - acc_q <= 1.0 and report["passed"]
+    assert report["size_ratio"] > 2.0
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["meta"]["quantization"]["per_channel"] is True
+    assert set(saved["models"]["int8"]["latency"]) == {"1", "4"}
+
+
+def test_refusal_on_too_large_drop(toy_data, toy_model, tmp_path):
+    report = run_export(
+        _cfg(toy_data, tmp_path, **{"verify.max_drop": -1.0}), model=toy_model, img_size=32
+    )
+    assert report["passed"] is False
+    assert json.loads((tmp_path / "report.json").read_text())["passed"] is False
+
+
+def test_qat_recovers_a_broken_calibration(toy_data, toy_model, tmp_path):
+    """A single calibration image gives bad activation ranges; QAT runs and is reported."""
+    cfg = _cfg(
+        toy_data,
+        tmp_path,
+        **{
+            "quant.calibration_images": 1,
+            "verify.max_drop": -1.0,
+            "qat.enabled": "true",
+            "qat.steps": 5,
+        },
+    )
+    report = run_export(cfg, model=toy_model, img_size=32)
+    meta = json.loads((tmp_path / "report.json").read_text())["meta"]
+    assert meta["qat"]["steps"] == 5 and "qat_drop" in meta["qat"]
+    assert report["passed"] is False  # a threshold of -1 can never be met
+
+
+def test_export_config_refuses_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_export_config("export_default", ["quant.bogus=1"])
+    with pytest.raises(ConfigError, match="calibration"):
+        load_export_config("export_default", ["quant.calibration=median"])
+
+
+def test_calibration_methods_and_formats_all_run(toy_data, toy_model, tmp_path):
+    from train.edge.onnx_export import export_onnx
+    from train.edge.quantize_ort import QuantSettings, quantize_int8
+
+    fp32 = export_onnx(toy_model, tmp_path / "m.onnx", 32, exporter="torchscript").path
+    calib = load_images(toy_data["train"], 32, limit=16).images
+    x = calib[:8]
+    ref = run_onnx(ort_session(fp32), x)
+    for method, fmt, act in (("entropy", "qoperator", "uint8"), ("percentile", "qdq", "int8")):
+        s = QuantSettings(calibration=method, format=fmt, activation_type=act)
+        q = quantize_int8(fp32, tmp_path / f"{method}.onnx", calib, s)
+        got = run_onnx(ort_session(q), x)
+        cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+        assert cos.mean() > 0.95, (method, fmt, act)

@@ -1,0 +1,167 @@
+"""Post-training static INT8 quantization with ONNX Runtime.
+
+Per-channel symmetric INT8 weights, symmetric activations (``ActivationSymmetric``),
+QDQ (default) or QOperator format, S8S8 (default) or U8S8, calibrated with MinMax, Entropy
+or Percentile on images through the eval preprocessing. ``quant_pre_process`` (symbolic
+shape inference and graph optimisation) runs first. Layers that quantization hurts can be
+kept in float with ``exclude`` (ORT's ``nodes_to_exclude``; see ``train.edge.sensitivity``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+FORMATS = ("qdq", "qoperator")
+ACTIVATION_TYPES = ("int8", "uint8")
+QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass
+class QuantSettings:
+    """How a model is quantized (also written into the report)."""
+
+    calibration: str = "minmax"
+    """minmax, entropy or percentile."""
+    calibration_images: int = 128
+    """Images from the calibration shards (eval preprocessing)."""
+    format: str = "qdq"
+    """qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv, ...)."""
+    activation_type: str = "int8"
+    """int8 (S8S8) or uint8 (U8S8); weights are always int8."""
+    per_channel: bool = True
+    """Per-output-channel weight scales."""
+    symmetric_activations: bool = True
+    """Zero point 0 for activations (ActivationSymmetric)."""
+    exclude: list[str] = field(default_factory=list)
+    """ONNX node names kept in float."""
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ValueError(
+                f"quant.calibration must be one of {CALIBRATION_METHODS}, got {self.calibration!r}"
+            )
+        if self.format not in FORMATS:
+            raise ValueError(f"quant.format must be one of {FORMATS}, got {self.format!r}")
+        if self.activation_type not in ACTIVATION_TYPES:
+            raise ValueError(
+                f"quant.activation_type must be one of {ACTIVATION_TYPES}, "
+                f"got {self.activation_type!r}"
+            )
+        if self.calibration_images < 1:
+            raise ValueError("quant.calibration_images must be >= 1")
+
+
+def _reader_class() -> type:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class ArrayReader(CalibrationDataReader):
+        """Calibration batches from an array ``(N, 3, S, S)`` float32."""
+
+        def __init__(self, images: np.ndarray, input_name: str, batch_size: int = 16):
+            self.images = images
+            self.input_name = input_name
+            self.batch_size = batch_size
+            self._it: Iterator[dict[str, np.ndarray]] = iter(())
+            self.rewind()
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = (
+                {self.input_name: np.ascontiguousarray(self.images[i : i + self.batch_size])}
+                for i in range(0, len(self.images), self.batch_size)
+            )
+
+    return ArrayReader
+
+
+def calibration_reader(images: np.ndarray, input_name: str = "input", batch_size: int = 16):
+    """A ``CalibrationDataReader`` over ``images (N, 3, S, S)`` float32."""
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"calibration images must be (N, 3, S, S) with N >= 1, got {images.shape}")
+    return _reader_class()(images.astype(np.float32), input_name, batch_size)
+
+
+def preprocess(fp32_path: Path, out_path: Path) -> Path:
+    """ORT's ``quant_pre_process``; retries without symbolic shape inference if that fails."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(fp32_path), str(out_path), skip_optimization=False)
+    except Exception as e:  # symbolic shape inference does not know every op
+        log.warning("quant_pre_process: %s; retrying without symbolic shape inference", e)
+        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+    return out_path
+
+
+def quantizable_nodes(path: Path) -> list[str]:
+    """Names of the Conv / MatMul / Gemm nodes of a (pre-processed) model, in graph order."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type in QUANTIZABLE_OPS]
+
+
+def quantize_int8(
+    fp32_path: Path,
+    out_path: Path,
+    calib_images: np.ndarray,
+    settings: QuantSettings | None = None,
+    *,
+    preprocessed: Path | None = None,
+    exclude: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
+) -> Path:
+    """Static INT8 quantization of ``fp32_path`` into ``out_path``.
+
+    ``preprocessed``: an already pre-processed model (skips ``quant_pre_process``; the
+    sensitivity scan quantizes one model many times). ``exclude`` / ``include`` override
+    ``settings.exclude`` and restrict quantization to some nodes.
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    s = settings or QuantSettings()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[s.calibration]
+    with tempfile.TemporaryDirectory(prefix="ortq_") as tmp:
+        src = preprocessed or preprocess(Path(fp32_path), Path(tmp) / "pre.onnx")
+        quantize_static(
+            str(src),
+            str(out_path),
+            calibration_data_reader=calibration_reader(calib_images),
+            quant_format=QuantFormat.QDQ if s.format == "qdq" else QuantFormat.QOperator,
+            per_channel=s.per_channel,
+            activation_type=QuantType.QInt8 if s.activation_type == "int8" else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=None,
+            nodes_to_exclude=list(s.exclude if exclude is None else exclude),
+            nodes_to_quantize=list(include) if include is not None else None,
+            calibrate_method=method,
+            extra_options={
+                "ActivationSymmetric": s.symmetric_activations,
+                "WeightSymmetric": True,
+                "CalibTensorRangeSymmetric": s.symmetric_activations,
+                "CalibMovingAverage": False,
+            },
+        )
+    return out_path

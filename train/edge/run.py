@@ -1,0 +1,254 @@
+"""The export stage: FP32 ONNX (+ TorchScript) -> INT8 (ORT) -> verification -> artefact.
+
+:func:`run_export` does it all for one model; when the INT8 model loses more than
+``verify.max_drop`` and ``qat.enabled``, a short quantization-aware fine-tune is run and the
+model exported and quantized again. Returns the report (``report["passed"]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.edge import artefact, quantize_ort, sensitivity
+from train.edge.config import ExportConfig
+from train.edge.data import ImageSet, load_images
+from train.edge.onnx_export import export_onnx, export_torchscript, load_inference_model
+from train.edge.quantize_ort import QuantSettings, quantize_int8
+from train.edge.verify import report_markdown, verify
+
+log = logging.getLogger(__name__)
+EXIT_DROP = 3
+"""Exit code when the INT8 model loses more than the accepted drop."""
+
+
+def _say(msg: str) -> None:
+    print(f"[export] {msg}", flush=True)
+
+
+def _variants(cfg: ExportConfig, fp32: Path, calib: Any, out: Path) -> dict[str, Path]:
+    """QOperator and U8S8 twins of the main INT8 model, for the format comparison."""
+    made = {}
+    for fmt in quantize_ort.FORMATS:
+        for act in quantize_ort.ACTIVATION_TYPES:
+            if fmt == cfg.quant.format and act == cfg.quant.activation_type:
+                continue
+            s = QuantSettings(**{**cfg.quant.__dict__, "format": fmt, "activation_type": act})
+            name = f"int8_{fmt}_{'s8s8' if act == 'int8' else 'u8s8'}"
+            made[name] = quantize_int8(fp32, out / "variants" / f"{name}.onnx", calib.images, s)
+    return made
+
+
+def run_export(
+    cfg: ExportConfig,
+    *,
+    model: nn.Module | None = None,
+    img_size: int | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """Build the artefact of ``cfg.output_dir``; ``model`` (an InferenceModel-like module,
+    ``images -> embedding or logits``, with ``output_kind``) replaces ``cfg.model``."""
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model, img_size = load_inference_model(
+            cfg.model.checkpoint, cfg.model.pool, cfg.model.img_size, cfg.model.patch_size
+        )
+        source = cfg.model.checkpoint
+    assert img_size is not None
+    model.eval()
+    kind = getattr(model, "output_kind", "embedding")
+    d = cfg.data
+    calib = load_images(
+        d.calibration or d.train,
+        img_size,
+        cfg.quant.calibration_images,
+        None if d.calibration else d.train_index,
+    )
+    val = load_images(d.val, img_size, d.val_limit or None, d.val_index)
+    train: ImageSet | None = None
+    if kind == "embedding":
+        train = load_images(d.train, img_size, d.bank_limit or None, d.train_index)
+    _say(f"data: {len(calib)} calibration, {len(val)} eval, {len(train or [])} bank images")
+
+    fp32 = out / "model.fp32.onnx"
+    exported = export_onnx(model, fp32, img_size, exporter=cfg.exporter, opset=cfg.opset)
+    _say(f"FP32 ONNX ({exported.exporter}) max |diff| vs PyTorch {exported.max_abs_diff:.2e}")
+    ts = export_torchscript(model, out / "model.fp32.pt", img_size) if cfg.torchscript else None
+
+    settings = QuantSettings(**cfg.quant.__dict__)
+    sens = None
+    if cfg.sensitivity.enabled or cfg.sensitivity.exclude_top:
+        sens = sensitivity.scan(
+            fp32,
+            calib.images,
+            val.images[: cfg.sensitivity.images],
+            kind,
+            settings,
+            max_nodes=cfg.sensitivity.max_nodes,
+        )
+        sensitivity.write_report(sens, out)
+        worst = sensitivity.top_nodes(sens, cfg.sensitivity.exclude_top)
+        settings.exclude = sorted(set(settings.exclude) | set(worst))
+        _say(f"sensitivity: {sens['num_nodes']} nodes scanned; kept in float: {worst}")
+    int8 = quantize_int8(fp32, out / "model.int8.onnx", calib.images, settings)
+    variants = _variants(cfg, fp32, calib, out) if cfg.compare_formats else {}
+    report = verify(fp32, int8, kind, img_size, val, train, cfg.verify, extra_models=variants)
+    _say(f"INT8 drop {report['drop']:.2f} points (accepted {cfg.verify.max_drop})")
+
+    qat_info: dict[str, Any] | None = None
+    if not report["passed"] and cfg.qat.enabled:
+        report, qat_info = _recover_with_qat(
+            cfg, model, img_size, kind, calib, val, train, settings, out, report
+        )
+    pt2e_info = _pt2e(model, calib, val, train, kind, img_size) if cfg.pt2e else None
+
+    meta = {
+        "name": out.name,
+        "source": source or "python object",
+        "architecture": type(getattr(model, "backbone", model)).__name__,
+        "img_size": img_size,
+        "exporter": exported.exporter,
+        "exporter_note": exported.note,
+        "opset": cfg.opset,
+        "fp32_onnx_max_abs_diff": exported.max_abs_diff,
+        "quantization": {**settings.__dict__},
+        "calibration_data": d.calibration or d.train,
+        "eval_data": d.val,
+        "config": cfg.to_dict(),
+        "seconds": round(time.time() - t0, 1),
+    }
+    if sens is not None:
+        meta["sensitivity"] = {"report": "sensitivity.md", "excluded": settings.exclude}
+    if qat_info is not None:
+        meta["qat"] = qat_info
+    if pt2e_info is not None:
+        report["pt2e"] = pt2e_info
+    md = _markdown(report, meta)
+    artefact.write_artefact(
+        out,
+        fp32=fp32,
+        int8=int8,
+        img_size=img_size,
+        report=report,
+        report_md=md,
+        meta=meta,
+        classes=val.classes,
+        torchscript=ts,
+    )
+    _say(f"artefact: {out} ({'PASSED' if report['passed'] else 'FAILED'})")
+    return report
+
+
+def _recover_with_qat(cfg, model, img_size, kind, calib, val, train, settings, out, before):
+    from train.edge.qat import qat_finetune
+
+    pool = train if train is not None else calib
+    labels = pool.labels if kind == "logits" else None
+    _say(f"PTQ drop {before['drop']:.2f} > {cfg.verify.max_drop}: QAT for {cfg.qat.steps} steps")
+    tuned, losses = qat_finetune(
+        model,
+        pool.images,
+        labels=labels,
+        kind=kind,
+        steps=cfg.qat.steps,
+        lr=cfg.qat.lr,
+        batch_size=cfg.qat.batch_size,
+    )
+    fp32 = out / "model.fp32.onnx"
+    # The artefact's FP32 model stays the original; the INT8 model comes from the QAT weights.
+    qat_fp32 = export_onnx(
+        tuned,
+        out / "qat" / "model.qat.fp32.onnx",
+        img_size,
+        exporter="torchscript",
+        opset=cfg.opset,
+    ).path
+    int8 = quantize_int8(qat_fp32, out / "model.int8.onnx", calib.images, settings)
+    report = verify(fp32, int8, kind, img_size, val, train, cfg.verify)
+    info = {
+        "steps": cfg.qat.steps,
+        "lr": cfg.qat.lr,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "ptq_drop": before["drop"],
+        "qat_drop": report["drop"],
+        "ptq_int8_accuracy": before["models"]["int8"]["accuracy"],
+    }
+    _say(f"after QAT: drop {report['drop']:.2f} (PTQ: {before['drop']:.2f})")
+    return report, info
+
+
+def _pt2e(model, calib, val, train, kind, img_size) -> dict[str, Any]:
+    from train.edge.quantize_pt2e import quantize_pt2e, run_torch
+    from train.edge.verify import predictions
+
+    def acc(m: nn.Module) -> tuple[float, Any]:
+        out = run_torch(m, val.images)
+        bank = run_torch(m, train.images) if train is not None else None
+        pred = predictions(
+            out,
+            kind,
+            bank=bank,
+            bank_labels=train.labels if train else None,
+            num_classes=len(val.classes) if val.classes else None,
+        )
+        return 100.0 * float((pred == val.labels).mean()), pred
+
+    try:
+        with torch.no_grad():
+            fp, fp_pred = acc(model)
+            q = quantize_pt2e(model, calib.images, img_size)
+            qa, q_pred = acc(q)
+    except Exception as e:  # report, never fail the export for the second backend
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    return {
+        "backend": "torchao pt2e X86InductorQuantizer (PyTorch reference ops)",
+        "fp32_accuracy": fp,
+        "int8_accuracy": qa,
+        "drop": fp - qa,
+        "agreement": 100.0 * float((fp_pred == q_pred).mean()),
+    }
+
+
+def _markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
+    q = meta["quantization"]
+    lines = [
+        f"# Export report: {meta['name']}",
+        "",
+        f"Source: `{meta['source']}` ({meta['architecture']}, {meta['img_size']} px). "
+        f"ONNX exporter: {meta['exporter']}"
+        + (f" ({meta['exporter_note']})" if meta["exporter_note"] else "")
+        + f"; FP32 ONNX vs PyTorch max |diff| {meta['fp32_onnx_max_abs_diff']:.2e}.",
+        f"INT8: ONNX Runtime static, {q['format']}, activations {q['activation_type']} "
+        f"(symmetric {q['symmetric_activations']}), per-channel weights {q['per_channel']}, "
+        f"calibration {q['calibration']} on {q['calibration_images']} images; "
+        f"kept in float: {', '.join(q['exclude']) or 'none'}.",
+        "",
+        report_markdown(report),
+    ]
+    if "qat" in meta:
+        a = meta["qat"]
+        lines += [
+            f"QAT ({a['steps']} steps): drop {a['ptq_drop']:.2f} after PTQ -> "
+            f"{a['qat_drop']:.2f} after QAT.",
+            "",
+        ]
+    if "pt2e" in report:
+        p = report["pt2e"]
+        lines += ["## PT2E (torchao) backend, in PyTorch", ""]
+        if "error" in p:
+            lines += [f"Failed: {p['error']}", ""]
+        else:
+            lines += [
+                f"FP32 {p['fp32_accuracy']:.2f}%, INT8 {p['int8_accuracy']:.2f}% "
+                f"(drop {p['drop']:.2f}, agreement {p['agreement']:.2f}%).",
+                "",
+            ]
+    return "\n".join(lines)
