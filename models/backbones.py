@@ -46,16 +46,15 @@ def create_backbone(model_cfg: Any) -> nn.Module:
 
 
 def _cifar_stem(model: nn.Module) -> None:
-    """ResNet stem for 32 px inputs: 3x3 stride-1 conv and no max-pool (SimCLR's CIFAR variant)."""
-    conv1 = getattr(model, "conv1", None)
-    if not isinstance(conv1, nn.Conv2d):
-        raise ValueError("model.cifar_stem applies to ResNet backbones only")
-    model.conv1 = nn.Conv2d(3, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
+    """32 px stem: ResNet 3x3 stride-1 conv without max-pool; conv_stem models at stride 1."""
+    from models.students import apply_cifar_stem
+
+    apply_cifar_stem(model)
 
 
 def embed_dim(backbone: nn.Module) -> int:
-    return int(backbone.num_features)
+    # MobileNetV3/V4 pool into a wider head layer: the pooled output is head_hidden_size
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
 def embed(backbone: nn.Module, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:

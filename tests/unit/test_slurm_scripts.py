@@ -290,21 +290,6 @@ def test_eval_array_index_out_of_range_fails(tmp_path: Path) -> None:
     assert not log.exists()
 
 
-@pytest.mark.parametrize("template", ["distil", "export"])
-def test_missing_entry_point_stops_the_job_with_a_message(tmp_path: Path, template: str) -> None:
-    module = ENTRY_POINTS[template]
-    if (PROJECT / (module.replace(".", "/") + ".py")).exists():
-        pytest.skip(f"{module} exists now; the placeholder has become a real template")
-    proc, calls, log = run_template(tmp_path, template, ["rec"], "0")
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 1, out
-    assert f"python -m {module} is not available" in out
-    assert not log.exists() and not calls.exists()
-
-
-# ---------------------------------------------------------------------- Dockerfile
-
-
 def test_dockerfile_lint() -> None:
     text = (PROJECT / "Dockerfile").read_text()
     instructions = [

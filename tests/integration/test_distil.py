@@ -1,0 +1,152 @@
+"""Two-process DeepSpeed distillation on the CPU (gloo, ZeRO-3, fp32): a random ViT-tiny teacher
+into MobileNetV3-Small with a CIFAR stem. The teacher never changes, the export is the student
+only, and training from cached teacher embeddings gives the online losses step by step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.methods.distil import load_teacher
+from models.students import create_student
+from models.vit import create_vit
+from tests.integration.runs import ROOT, free_port, read_metrics, shard_overrides
+
+pytestmark = pytest.mark.slow
+
+STUDENT = "mobilenetv3_small_100"
+
+
+def start_distil(nproc: int, args: list[str]) -> list[subprocess.Popen]:
+    """N processes of ``python -m train.distil ARGS`` with rank variables (as runs.spawn)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+            RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "train.distil", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 240) -> tuple[int, str]:
+    """Rank 0's exit code (-1 when ranks disagree) and the output of all ranks."""
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    codes = {p.returncode for p in procs}
+    return (codes.pop() if len(codes) == 1 else -1), "".join(outs)
+
+
+def _teacher(out: Path) -> Path:
+    torch.manual_seed(0)
+    vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8)
+    out.mkdir(parents=True)
+    weights = out / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(weights))
+    kwargs = {"img_size": 32, "patch_size": 8, "num_classes": 0}
+    spec = {"timm_name": "vit_tiny_patch16_224", "kwargs": kwargs, "cifar_stem": False}
+    (out / "encoder.json").write_text(json.dumps(spec))
+    return weights
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_distillation_zero3_teacher_frozen_and_cache_equals_online(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    weights = _teacher(tmp_path / "teacher")
+    before = _file_sha(weights)
+    cache = tmp_path / "cache"
+    common = [
+        "distil_vit_tiny_to_mnv3_cifar",
+        *shard_overrides(tiny_shards),
+        f"model.name={STUDENT}",
+        "model.patch_size=8",
+        f"method.teacher={weights.parent}",
+        "method.teacher_pool=cls",
+        "method.proj_hidden_dim=32",
+        "method.w_patch=0.0",
+        "method.queue_size=64",
+        "data.augmentation=eval",  # a fixed view: what the cache holds
+        "data.num_workers=0",
+        "train.micro_batch=8",
+        "train.steps=3",
+        "train.precision=fp32",
+        "train.zero=zero3",
+        "optim.warmup_steps=1",
+        "checkpoint.every=3",
+        "log.every=1",
+        "log.progress=false",
+    ]
+    # offline: cache the teacher on the eval view (in this process, one rank)
+    from train.cache_teacher import main as cache_main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cache_main([*common, f"method.cache={cache}", "--dtype", "float32"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    expected = load_teacher(str(weights.parent)).sha256()
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["num_samples"] == 200 and meta["teacher_sha256"] == expected.hex()
+
+    # the online and the cached run, side by side (2 ranks each)
+    online, cached = tmp_path / "online", tmp_path / "cached"
+    runs = [
+        start_distil(2, [*common, f"train.output_dir={online}"]),
+        start_distil(2, [*common, f"method.cache={cache}", f"train.output_dir={cached}"]),
+    ]
+    for code, text in [finish(procs) for procs in runs]:
+        assert code == 0, text[-3000:]
+
+    # the teacher file and the teacher in memory at the last checkpoint are unchanged
+    assert _file_sha(weights) == before
+    extra = load_file(str(online / "checkpoints" / "step_00000003" / "extra_state.safetensors"))
+    assert bytes(extra["teacher_sha256"].tolist()) == expected
+    assert extra["queue.pos"].tolist() == [48, 48]  # 3 steps x 2 ranks x 8 teacher embeddings
+
+    # the export is the student alone and loads into the timm student
+    exported = load_file(str(online / "export" / "encoder.safetensors"))
+    student = create_student(STUDENT, img_size=32, cifar_stem=True)
+    assert set(exported) == set(student.state_dict())
+    student.load_state_dict(exported, strict=True)
+    spec = json.loads((online / "export" / "encoder.json").read_text())
+    assert spec["timm_name"] == STUDENT and spec["cifar_stem"] is True
+
+    # cached embeddings give the online losses, step by step
+    a, b = read_metrics(online), read_metrics(cached)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "feature", "relational"):
+            assert math.isfinite(ra[key])
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    assert a[0]["relational"] == 0.0  # the queue is empty at step 1
+    assert all(r["relational"] > 0 and r["feature"] > 0 for r in a[1:])

@@ -1,0 +1,178 @@
+"""``python -m train.cache_teacher RECIPE [section.key=value ...]``: cache teacher embeddings.
+
+For a distillation recipe (``method.name = "distil"``), runs the frozen teacher
+(``method.teacher``) once over every sample of ``data.train_shards`` on the deterministic
+``eval`` view (resize to ``img_size / 0.875``, centre crop) and writes ``method.cache``:
+
+* ``teacher.npy``: ``(N, D)`` pooled embeddings (``method.teacher_pool``), row ``i`` = the
+  sample with the loader's ``sample_id == i`` (its position in the shard index);
+* ``logits.npy``: ``(N, C)`` when the teacher has a classification head;
+* ``meta.json``: teacher, its weights' SHA-256, pooling, img_size, shard names and counts.
+
+The shards themselves are not copied: training with ``method.cache`` reads the images from
+the same shards and the embeddings from the cache by ``sample_id``. Launch it as is or under
+``torchrun`` (ranks split the samples); bf16 autocast on GPU, float32 on CPU.
+Exit codes: 0 done, 2 bad configuration or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from train.config import ConfigError, RunConfig, load_config
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class _EvalViews(IterableDataset):
+    """Batches ``{"image", "id", "ok"}`` of samples ``[start, stop)`` of the shard index."""
+
+    def __init__(
+        self, shards: list[str], counts: list[int], start: int, stop: int, size: int, batch: int
+    ) -> None:
+        from data_pipelines.transforms import build_transform
+
+        self.shards, self.start, self.stop, self.batch = shards, start, stop, batch
+        self.first = list(itertools.accumulate([0, *counts]))
+        self.size = size
+        self.transform = build_transform("eval", size)
+
+    def _samples(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor | None]]:
+        from data_pipelines.decode import CorruptSample, decode_image
+        from data_pipelines.tar_samples import read_samples
+
+        shard = bisect.bisect_right(self.first, start) - 1
+        while start < stop and shard < len(self.shards):
+            base = self.first[shard]
+            lo, hi = start - base, min(stop, self.first[shard + 1]) - base
+            for i, raw in read_samples(self.shards[shard], lo, hi, lambda _: True, False):
+                assert raw is not None
+                img = None
+                if raw.error is None and raw.image is not None:
+                    try:  # decoded like the training loader (full size)
+                        img = self.transform(decode_image(raw.image))[0]
+                    except CorruptSample:
+                        img = None
+                yield base + i, img
+            start = base + hi
+            shard += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        nb = -(-(self.stop - self.start) // self.batch)
+        lo = self.start + nb * worker // workers * self.batch
+        hi = min(self.stop, self.start + nb * (worker + 1) // workers * self.batch)
+        samples = self._samples(lo, hi)
+        while chunk := list(itertools.islice(samples, self.batch)):
+            blank = torch.zeros(3, self.size, self.size)
+            yield {
+                "image": torch.stack([img if img is not None else blank for _, img in chunk]),
+                "id": torch.tensor([i for i, _ in chunk], dtype=torch.long),
+                "ok": torch.tensor([img is not None for _, img in chunk]),
+            }
+
+
+def cache_teacher(cfg: RunConfig, batch_size: int, num_workers: int, dtype: str) -> Path:
+    """Write the cache of ``cfg.method`` (see the module docstring); collective over ranks."""
+    from data_pipelines.labelled import rank_range
+    from data_pipelines.shard_index import expand_shards, read_index
+    from models.methods.distil import CACHE_FEATURES, CACHE_LOGITS, CACHE_META, load_teacher
+    from train.evaluation.features import gather_ordered, world
+    from train.evaluation.protocols import init_eval_distributed
+
+    method = cfg.method
+    device = init_eval_distributed()
+    rank, size = world()
+    teacher = load_teacher(method.teacher, method.teacher_pool)  # type: ignore[attr-defined]
+    teacher.to(device)
+    index = read_index(expand_shards(cfg.data.train_shards), cfg.data.index or None)
+    n = index.num_samples
+    start, stop = rank_range(n, rank, size)
+    data = _EvalViews(index.shards, index.counts, start, stop, cfg.model.img_size, batch_size)
+    batches = DataLoader(data, batch_size=None, num_workers=num_workers) if num_workers else data
+    embs, logits, ids, bad = [], [], [], 0
+    for batch in batches:
+        out = teacher(batch["image"].to(device))
+        embs.append(out.embedding.cpu())
+        if out.logits is not None:
+            logits.append(out.logits.cpu())
+        ids.append(batch["id"])
+        bad += int((~batch["ok"]).sum())
+    comm = device if device.type == "cuda" else torch.device("cpu")
+
+    def gathered(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+        local = torch.cat(parts) if parts else torch.zeros(0, width)
+        local_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+        return gather_ordered(local.to(comm), local_ids.to(comm), n)
+
+    feats = gathered(embs, teacher.dim)
+    all_logits = gathered(logits, teacher.num_classes) if teacher.num_classes else None
+    bad_total = torch.tensor([bad], device=comm)
+    if size > 1:
+        torch.distributed.all_reduce(bad_total)
+    out_dir = Path(method.cache)  # type: ignore[attr-defined]
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.save(out_dir / CACHE_FEATURES, feats.numpy().astype(DTYPES[dtype]))
+        if all_logits is not None:
+            np.save(out_dir / CACHE_LOGITS, all_logits.numpy().astype(DTYPES[dtype]))
+        meta = {
+            "teacher": teacher.source,
+            "teacher_sha256": teacher.sha256().hex(),
+            "pool": teacher.pool,
+            "img_size": cfg.model.img_size,
+            "view": "eval",
+            "shards": [Path(s).name for s in index.shards],
+            "counts": list(index.counts),
+            "num_samples": n,
+            "dim": teacher.dim,
+            "num_classes": teacher.num_classes,
+            "dtype": dtype,
+            "unreadable_samples": int(bad_total.item()),
+        }
+        (out_dir / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")
+    if size > 1:
+        torch.distributed.barrier()
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Cache a distillation teacher's embeddings.")
+    parser.add_argument("recipe", help="a distil recipe file, or a name in train/recipes/")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.cache=DIR")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    import models.methods.distil  # noqa: F401  (registers the distil method)
+
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        if cfg.method.name != "distil":
+            raise ConfigError(f"method.name={cfg.method.name!r}: a distil recipe is needed")
+        if not cfg.method.cache or not cfg.method.teacher:  # type: ignore[attr-defined]
+            raise ConfigError("set method.teacher and method.cache (the output directory)")
+        print(cache_teacher(cfg, args.batch_size, args.num_workers, args.dtype), flush=True)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
