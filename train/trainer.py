@@ -215,6 +215,11 @@ def run(cfg: RunConfig) -> int:
     if hasattr(method, "teacher_to"):
         method.teacher_to(device, dtype)  # type: ignore[operator]
 
+    from train.evaluation.online import OnlineKNN
+
+    online_knn = OnlineKNN(
+        cfg.data.val_shards, None, cfg.model.img_size, cfg.log.knn_every, max_samples=1000
+    )
     step = 0
     samples_at_resume = 0
     if resume_path is not None:
@@ -280,6 +285,11 @@ def run(cfg: RunConfig) -> int:
                     seen,
                     batches,
                 )
+            if cfg.log.knn_every and step % cfg.log.knn_every == 0:
+                with _gathered_direct_params(method, zero3):
+                    knn = online_knn(step, method.backbone, device, dtype)  # collective
+                if knn is not None:
+                    logger.scalars(step, knn)
             if cfg.log.monitor_every and step % cfg.log.monitor_every == 0:
                 _monitor_collapse(logger, step, out)
             if cfg.log.image_every and step % cfg.log.image_every == 0:

@@ -1,3 +1,13 @@
 """Importing this package registers every method (see models.registry)."""
 
-from models.methods import byol, dino, distil, mae, mocov3, qat, simclr, simsiam  # noqa: F401
+from models.methods import (  # noqa: F401
+    byol,
+    dino,
+    distil,
+    finetune,
+    mae,
+    mocov3,
+    qat,
+    simclr,
+    simsiam,
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -48,6 +49,8 @@ def test_two_process_bf16_run_checkpoints_and_exports(
             # patch 4: the position table (65 x 192) is above ZeRO-3's persistence threshold,
             # so it is partitioned and must be gathered although ViT.forward is never called
             "model.patch_size=4",
+            f"data.val_shards={tiny_shards / 'val'}",
+            "log.knn_every=2",
             "checkpoint.every=2",
             "checkpoint.keep=1",
             f"train.output_dir={run}",
@@ -59,6 +62,10 @@ def test_two_process_bf16_run_checkpoints_and_exports(
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
     assert rows[-1]["samples_seen"] == 4 * 2 * 8
+    # online k-NN on the labelled validation shards, every 2 steps, on every rank
+    knn = [json.loads(x) for x in (run / "metrics.jsonl").open() if "knn/top1" in x]
+    assert [r["step"] for r in knn] == [2, 4]
+    assert all(0.0 <= r["knn/top1"] <= 100.0 for r in knn)
     # keep=1: only the final checkpoint survives, and it is complete
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step_00000004"]
     # the exported encoder is consolidated from the ZeRO partitions and loads into timm

@@ -1,0 +1,2 @@
+"""Evaluation of pretrained encoders: k-NN, linear probe, fine-tuning, label efficiency,
+online k-NN monitoring and pictures. ``python -m train.evaluate PROTOCOL RECIPE`` runs one."""
