@@ -41,7 +41,7 @@ def create_backbone(model_cfg: Any) -> nn.Module:
     if getattr(model_cfg, "cifar_stem", False):
         _cifar_stem(model)
     if every:
-        model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(True)  # type: ignore[operator]
     return model
 
 
@@ -54,7 +54,7 @@ def _cifar_stem(model: nn.Module) -> None:
 
 def embed_dim(backbone: nn.Module) -> int:
     # MobileNetV3/V4 pool into a wider head layer: the pooled output is head_hidden_size
-    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)  # type: ignore[arg-type]
 
 
 def embed(backbone: nn.Module, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:

@@ -95,7 +95,7 @@ class Finetune(Method):
         self.head = nn.Linear(embed_dim(backbone), cfg.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head init
         nn.init.zeros_(self.head.bias)
-        self.num_blocks = len(backbone.blocks) if hasattr(backbone, "blocks") else 0
+        self.num_blocks = len(backbone.blocks) if hasattr(backbone, "blocks") else 0  # type: ignore[arg-type]
         self.mixup: Mixup | None = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(

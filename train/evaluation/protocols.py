@@ -448,7 +448,7 @@ def run_finetune(cfg: Any) -> int:
         batch_size=cfg.train.micro_batch,
         num_workers=cfg.data.num_workers,
     )
-    out = run_model(method.logits, reader, device, out_dtype=torch.float32)
+    out = run_model(method.logits, reader, device, out_dtype=torch.float32)  # type: ignore[arg-type]
     if int(out.labels.max()) >= cfg.method.num_classes:
         raise ValueError(f"label {int(out.labels.max())} >= method.num_classes")
     acc = topk_accuracy(out.feats, out.labels)
