@@ -401,15 +401,15 @@ def _log_step(
         {
             "loss": mean["loss"],
             "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "throughput/images_per_s": samples_per_step / dt,
             "samples_seen": float(samples_seen),
             "time_metrics/data_loading(%)": 100.0 * wait / dt,
             "memory/peak_mb": peak_memory_mb(device),
-            "data/skipped_samples": mean["skipped"]
-            * (dist.get_world_size() if dist.is_initialized() else 1),
+            "data/skipped_samples": mean["skipped"] * _world_size(),
         }
     )
+    if grad_norm is not None:  # DeepSpeed's global norm; absent with ZeRO-0 in fp32 unclipped
+        values["grad_norm"] = float(grad_norm)
     logger.scalars(step, values)
 
 
