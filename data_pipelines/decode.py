@@ -7,13 +7,27 @@ than ``2 * min_size`` are decoded at full size. With ``min_size`` = the output c
 of the whole image is never upsampled; a RandomResizedCrop crop of area fraction s is upsampled
 by at most 1/sqrt(s), exactly as it would be from an image pre-resized to that shorter side
 (the usual practice of storing ImageNet at shorter side 256..512).
+
+Two decoders share that rule: ``decode_image`` (PIL, returns an RGB image) and the faster
+``decode_pixels`` (libjpeg-turbo through simplejpeg straight into a uint8 array, with the fast
+IDCT and chroma upsampling; PIL for what is not a baseline/progressive YCbCr or gray JPEG),
+which returns a uint8 (3, H, W) tensor of the same size for the presets of transforms.py.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 
+import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+try:
+    import simplejpeg
+except ImportError:  # optional: decode_pixels then uses PIL
+    simplejpeg = None
 
 
 class CorruptSample(Exception):
@@ -27,6 +41,58 @@ def draft_request(width: int, height: int, min_size: int) -> tuple[int, int]:
         return width, height
     # draft picks the largest 1/2^k reduction that keeps both sides >= the request.
     return -(-width * min_size // short), -(-height * min_size // short)
+
+
+def draft_scale(width: int, height: int, min_size: int | None) -> int:
+    """The reduction 1, 2, 4 or 8 that ``Image.draft`` picks for ``draft_request``."""
+    if min_size is None:
+        return 1
+    want_w, want_h = draft_request(width, height, min_size)
+    for scale in (8, 4, 2):
+        if -(-width // scale) >= want_w and -(-height // scale) >= want_h:
+            return scale
+    return 1
+
+
+def decode_pixels(data: bytes, min_size: int | None = None) -> Tensor:
+    """Decode to uint8 (3, H, W) (a channels-last view of an (H, W, 3) array), at the size
+    ``decode_image`` gives. JPEGs go through libjpeg-turbo (simplejpeg), the rest through PIL."""
+    if simplejpeg is not None and data[:2] == b"\xff\xd8":
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            scale = draft_scale(width, height, min_size)
+            pixels = simplejpeg.decode_jpeg(
+                data,
+                colorspace="RGB",
+                fastdct=True,
+                fastupsample=True,
+                min_height=-(-height // scale),
+                min_width=-(-width // scale),
+            )
+        except ValueError as exc:
+            if "colorspace" not in str(exc).lower():  # CMYK and others: PIL converts them
+                raise CorruptSample(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+        else:
+            return torch.from_numpy(pixels).permute(2, 0, 1)
+    img = decode_image(data, min_size)
+    with warnings.catch_warnings():  # read-only buffer: nothing ever writes into it
+        warnings.simplefilter("ignore")
+        return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+
+
+def jpeg_or_pixels(data: bytes) -> Tensor:
+    """For decoding on the device: a JPEG whose header parses and that ends with its EOI
+    marker (not truncated) as its bytes, 1-D uint8; anything else decoded here, (3, H, W)."""
+    if data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9":
+        colorspace = "YCbCr"
+        if simplejpeg is not None:
+            try:
+                colorspace = simplejpeg.decode_jpeg_header(data)[2]
+            except ValueError:
+                colorspace = ""
+        if colorspace in ("YCbCr", "Gray"):  # what nvJPEG decodes to RGB
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return decode_pixels(data)
 
 
 def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:

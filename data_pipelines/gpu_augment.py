@@ -1,8 +1,9 @@
 """Batched colour augmentations on float tensors (B, 3, H, W) in [0, 1], on any device.
 
 Each op matches its torchvision.transforms.v2 counterpart for the same parameters; the
-parameters are per sample (tensors of shape (B,)). ``ColorAugment`` draws them from a
-``torch.Generator`` (the optional GPU path) or from the global RNG (the CPU presets, B = 1).
+parameters are per sample (tensors of shape (B,), or Python floats for B = 1).
+``ColorAugment`` draws them from a ``torch.Generator`` (the optional device path, see
+device_augment.py) or from the global RNG (the CPU presets, B = 1).
 """
 
 from __future__ import annotations
@@ -22,47 +23,57 @@ def grayscale(x: Tensor) -> Tensor:
     return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(1)
 
 
-def _per_sample(v: Tensor) -> Tensor:
-    return v.view(-1, 1, 1, 1)
+Factor = Tensor | float
 
 
-def _blend(x: Tensor, other: Tensor, ratio: Tensor) -> Tensor:
+def _per_sample(v: Factor) -> Tensor | float:
+    """A per-sample factor (B,) as (B, 1, 1, 1) for broadcasting; a Python float as is."""
+    return v.view(-1, 1, 1, 1) if isinstance(v, Tensor) else v
+
+
+def _blend(x: Tensor, other: Tensor, ratio: Factor) -> Tensor:
     r = _per_sample(ratio)
-    return (r * x + (1.0 - r) * other).clamp_(0.0, 1.0)
+    return (x * r).add_(other * (1.0 - r)).clamp_(0.0, 1.0)
 
 
-def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+def adjust_brightness(x: Tensor, factor: Factor) -> Tensor:
     return (x * _per_sample(factor)).clamp_(0.0, 1.0)
 
 
-def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+def adjust_contrast(x: Tensor, factor: Factor) -> Tensor:
     mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
     return _blend(x, mean, factor)
 
 
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+def adjust_saturation(x: Tensor, factor: Factor) -> Tensor:
     return _blend(x, grayscale(x), factor)
 
 
-def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate the HSV hue by ``shift`` (fraction of a turn, in [-0.5, 0.5]); V and S are kept."""
+def adjust_hue(x: Tensor, shift: Factor) -> Tensor:
+    """Rotate the HSV hue by ``shift`` (fraction of a turn, in [-0.5, 0.5]); V and S are kept.
+
+    Written with multiplications by masks instead of ``torch.where`` and ``%`` (both several
+    times slower per element on CPU): hue in sextants, h6 = (g - b) / c on the red sextant,
+    (b - r) / c + 2 on the green one, (r - g) / c + 4 on the blue one (c: chroma).
+    """
     r, g, b = x.unbind(dim=1)  # each (B, H, W)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
     chroma = maxc - minc
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue6 = torch.where(
-        maxc == r,
-        ((g - b) / safe) % 6.0,
-        torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
-    )
-    hue6 = (hue6 + _per_sample(shift).squeeze(1) * 6.0) % 6.0
-    channels = []
-    for offset in (5.0, 3.0, 1.0):  # R, G, B of the HSV -> RGB formula
-        k = (hue6 + offset) % 6.0
+    inv = (chroma + (chroma == 0)).reciprocal_()  # gray pixels: any hue, chroma 0 keeps them
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    is_b = ~(is_r | is_g)
+    hue6 = ((g - b) * is_r).add_((b - r) * is_g).add_((r - g) * is_b).mul_(inv)
+    hue6.add_(is_g * 2.0).add_(is_b * 4.0)  # in [-1, 5]
+    shift6 = _per_sample(shift)
+    hue6.add_(shift6.squeeze(1) * 6.0 if isinstance(shift6, Tensor) else shift6 * 6.0)
+    out = torch.empty_like(x)
+    for channel, offset in enumerate((5.0, 3.0, 1.0)):  # R, G, B of the HSV -> RGB formula
+        k = hue6 + offset
+        k.sub_(torch.floor(k * (1.0 / 6.0)).mul_(6.0))  # k mod 6
         ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        channels.append(maxc - chroma * ramp)
-    return torch.stack(channels, dim=1)
+        torch.addcmul(maxc, chroma, ramp, value=-1.0, out=out[:, channel])
+    return out
 
 
 def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
@@ -90,9 +101,9 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     for dim in (3, 2):  # along W, then along H
         length = x.shape[dim]
         xp = x.index_select(dim, _reflect_index(length, radius, x.device))  # padded along dim
-        out = xp.narrow(dim, 0, length) * _per_sample(w[:, 0])
+        out = xp.narrow(dim, 0, length) * w[:, 0].view(-1, 1, 1, 1)
         for i in range(1, size):
-            out.addcmul_(xp.narrow(dim, i, length), _per_sample(w[:, i]))
+            out.addcmul_(xp.narrow(dim, i, length), w[:, i].view(-1, 1, 1, 1))
         x = out
     return x
 
@@ -104,6 +115,8 @@ def _reflect_index(length: int, radius: int, device: torch.device) -> Tensor:
 
 
 def solarize(x: Tensor, threshold: float = 0.5) -> Tensor:
+    if threshold == 0.5:  # x >= 0.5 exactly where 1 - x <= x; cheaper than torch.where
+        return torch.minimum(x, 1.0 - x)
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
@@ -112,7 +125,9 @@ class ColorAugment:
     """Random colour jitter, grayscale, blur and solarize with per-sample parameters.
 
     Order as in the papers' pipelines: jitter (its four ops in a random order per sample, like
-    torchvision's ColorJitter), grayscale, blur, solarize.
+    torchvision's ColorJitter), grayscale, blur, solarize. The parameters of a batch come from
+    one draw of the generator (``sample``); ``apply`` takes them from the caller (the device
+    path draws them per sample on CPU from per-sample seeds, then applies them batched).
     """
 
     brightness: float = 0.4
@@ -126,46 +141,108 @@ class ColorAugment:
     blur_kernel: int = 23
     solarize_p: float = 0.0
 
+    def sample(self, batch: int, generator: torch.Generator | None, device) -> ColorParams:
+        """Per-sample parameters from one draw of (B, 13) uniforms (one RNG call)."""
+        u = torch.rand(batch, 13, generator=generator, device=device)
+
+        def between(col: int, low: float, high: float) -> Tensor:
+            return low + (high - low) * u[:, col]
+
+        return ColorParams(
+            jitter=u[:, 0] < self.jitter_p,
+            factors=(
+                between(1, max(0.0, 1 - self.brightness), 1 + self.brightness),
+                between(2, max(0.0, 1 - self.contrast), 1 + self.contrast),
+                between(3, max(0.0, 1 - self.saturation), 1 + self.saturation),
+                between(4, -self.hue, self.hue),
+            ),
+            order=u[:, 5:9].argsort(dim=1),  # (B, 4) per-sample op order
+            gray=u[:, 9] < self.gray_p,
+            blur=u[:, 10] < self.blur_p,
+            sigma=between(11, *self.blur_sigma),
+            solarize=u[:, 12] < self.solarize_p,
+        )
+
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """x: (B, 3, H, W) float in [0, 1] -> same shape, new tensor."""
-        batch = x.shape[0]
+        """x: (B, 3, H, W) float in [0, 1] -> same shape, new tensor (x is not modified)."""
+        return self.apply(x, self.sample(x.shape[0], generator, x.device))
 
-        def rand(*shape: int) -> Tensor:
-            return torch.rand(*shape, generator=generator, device=x.device)
-
-        def uniform(low: float, high: float) -> Tensor:
-            return low + (high - low) * rand(batch)
-
-        jitter = rand(batch) < self.jitter_p
-        factors = [
-            uniform(max(0.0, 1 - self.brightness), 1 + self.brightness),
-            uniform(max(0.0, 1 - self.contrast), 1 + self.contrast),
-            uniform(max(0.0, 1 - self.saturation), 1 + self.saturation),
-            uniform(-self.hue, self.hue),
-        ]
-        order = rand(batch, 4).argsort(dim=1)  # (B, 4) per-sample op order
-        gray = rand(batch) < self.gray_p
-        blur = rand(batch) < self.blur_p
-        sigma = uniform(*self.blur_sigma)
-        solar = rand(batch) < self.solarize_p
-
+    def apply(self, x: Tensor, params: ColorParams) -> Tensor:
+        """x: (B, 3, H, W) float in [0, 1] with the parameters of B samples -> new tensor."""
+        if x.shape[0] == 1:
+            return self._one(x, params)
+        params = params.to(x.device)
         ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
         x = x.clone()
         for stage in range(4):
             for op_id, op in enumerate(ops):
-                _apply(x, jitter & (order[:, stage] == op_id), op, factors[op_id])
-        _apply(x, gray, lambda v: grayscale(v).expand(-1, 3, -1, -1))
-        _apply(x, blur, lambda v, s: gaussian_blur(v, s, self.blur_kernel), sigma)
-        _apply(x, solar, solarize)
+                _apply(
+                    x, params.jitter & (params.order[:, stage] == op_id), op, params.factors[op_id]
+                )
+        _apply(x, params.gray, lambda v: grayscale(v).expand(-1, 3, -1, -1))
+        _apply(x, params.blur, lambda v, s: gaussian_blur(v, s, self.blur_kernel), params.sigma)
+        _apply(x, params.solarize, solarize)
         return x
+
+    def _one(self, x: Tensor, p: ColorParams) -> Tensor:
+        """B = 1 (the CPU presets): Python branches and scalar factors, no masked indexing."""
+        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        jitter, gray, blur, solar = (bool(v) for v in (p.jitter, p.gray, p.blur, p.solarize))
+        out = x
+        if jitter:
+            factors = [float(f) for f in p.factors]
+            for op_id in p.order[0].tolist():
+                out = ops[op_id](out, factors[op_id])
+        if gray:
+            out = grayscale(out).expand(-1, 3, -1, -1).contiguous()
+        if blur:
+            out = gaussian_blur(out, p.sigma.to(x.device), self.blur_kernel)
+        if solar:
+            out = solarize(out)
+        return out.clone() if out is x else out
+
+
+@dataclass(frozen=True)
+class ColorParams:
+    """Per-sample parameters of ``ColorAugment``, each with leading dimension B."""
+
+    jitter: Tensor  # (B,) bool: apply the colour jitter
+    factors: tuple[Tensor, Tensor, Tensor, Tensor]  # brightness, contrast, saturation, hue
+    order: Tensor  # (B, 4): the jitter ops' order (0..3 as in ``factors``)
+    gray: Tensor  # (B,) bool
+    blur: Tensor  # (B,) bool
+    sigma: Tensor  # (B,) blur sigma
+    solarize: Tensor  # (B,) bool
+
+    @staticmethod
+    def cat(parts: list[ColorParams]) -> ColorParams:
+        def cat(get) -> Tensor:
+            return torch.cat([get(p) for p in parts])
+
+        return ColorParams(
+            jitter=cat(lambda p: p.jitter),
+            factors=tuple(cat(lambda p, i=i: p.factors[i]) for i in range(4)),  # type: ignore[arg-type]
+            order=cat(lambda p: p.order),
+            gray=cat(lambda p: p.gray),
+            blur=cat(lambda p: p.blur),
+            sigma=cat(lambda p: p.sigma),
+            solarize=cat(lambda p: p.solarize),
+        )
+
+    def to(self, device: torch.device | str) -> ColorParams:
+        return ColorParams(
+            self.jitter.to(device),
+            tuple(f.to(device) for f in self.factors),  # type: ignore[arg-type]
+            self.order.to(device),
+            self.gray.to(device),
+            self.blur.to(device),
+            self.sigma.to(device),
+            self.solarize.to(device),
+        )
 
 
 def _apply(x: Tensor, mask: Tensor, op, param: Tensor | None = None) -> None:
     """In place: x[mask] = op(x[mask], param[mask])."""
-    if x.shape[0] == 1:  # the per-sample CPU path: avoid indexing
-        if bool(mask[0]):
-            x.copy_(op(x) if param is None else op(x, param))
-        return
     sel = mask.nonzero().squeeze(1)
     if sel.numel() == 0:
         return

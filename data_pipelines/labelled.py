@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.decode import CorruptSample, decode_image
+from data_pipelines.decode import CorruptSample, decode_pixels
 from data_pipelines.make_shards import is_image
 from data_pipelines.shard_index import expand_shards, read_index
 from data_pipelines.tar_samples import read_samples
@@ -138,7 +138,7 @@ class _Samples(IterableDataset):
         min_size = self.transform.decode_min_size
         for i, data, label, where in self._encoded(lo, hi):
             try:
-                img = decode_image(data, min_size)
+                img = decode_pixels(data, min_size)  # the same decode as the training loader
             except CorruptSample as e:
                 raise ValueError(f"unreadable sample {where}: {e}") from None
             imgs.append(self.transform(img)[0])

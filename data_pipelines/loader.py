@@ -13,6 +13,22 @@ Unreadable samples (corrupt image, missing image member, truncated tar) are skip
 counted; the slot continues with its next samples and finally wraps around to its own
 start (repeats) so that batch counts stay equal. Resume fast-forwards over positions, so a
 resume is exact unless an image that fails only at decode time lies in the skipped part.
+
+A batch holds ``views`` (list of ``(B, 3, H, W)``), ``index`` (positions in the epoch's
+stream), ``sample_id`` (each sample's position in the shard index: shard by shard, member by
+member, the same in every epoch; cached per-sample data such as teacher features is keyed by
+it), ``skipped`` and, with labels, ``label``.
+
+With ``decode_on_device=True`` the workers only read and batch bytes: instead of ``views`` a
+batch holds ``jpeg`` (list of B uint8 tensors: the encoded JPEG as 1-D, or for the rare
+non-JPEG sample its CPU-decoded (3, H, W) pixels) and ``seed`` ((B,) int64, each sample's
+augmentation seed); ``device_augment.DeviceViews`` turns it into ``views`` on the GPU with the
+same per-sample draws as the CPU path.
+
+Transforms that declare ``takes_pixels`` (the presets of transforms.py) get the uint8
+(3, H, W) tensor of ``decode.decode_pixels`` (libjpeg-turbo) and write their views straight
+into the rows of the batch (``out=``, sized by their ``view_sizes``); others get a PIL image
+and return their views, which are stacked.
 """
 
 from __future__ import annotations
@@ -23,13 +39,14 @@ import random
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.decode import CorruptSample, decode_image
+from data_pipelines.decode import CorruptSample, decode_image, decode_pixels, jpeg_or_pixels
 from data_pipelines.shard_index import ShardIndex, expand_shards, read_index
 from data_pipelines.slots import (
     Segment,
@@ -113,6 +130,7 @@ class ShardStream(IterableDataset):
         resampled: bool = False,
         decode_min_size: int | None = None,
         shuffle_buffer: int = 500,
+        decode_on_device: bool = False,
     ):
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
@@ -132,6 +150,9 @@ class ShardStream(IterableDataset):
         self.resampled = resampled
         self.decode_min_size = decode_min_size
         self.shuffle_buffer = shuffle_buffer
+        self.decode_on_device = decode_on_device
+        self._takes_pixels = bool(getattr(transform, "takes_pixels", False))
+        self._views_out: list[Tensor] | None = None  # the batch being filled, see _batch_views
         self.epoch = 0
         self.start_batch = 0
         slots = world_size * self.workers_per_rank
@@ -229,23 +250,47 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------ decode, augment, batch
 
-    def _augment(self, image: bytes, aug_seed: int) -> list[Tensor]:
-        img = decode_image(image, self.decode_min_size)
+    def _augment(self, image: bytes, aug_seed: int, row: int) -> list[Tensor]:
+        if self.decode_on_device:
+            return [jpeg_or_pixels(image)]
+        img: Any  # a uint8 (3, H, W) tensor for transforms that take pixels, else a PIL image
+        kwargs = {}
+        if self._takes_pixels:
+            img = decode_pixels(image, self.decode_min_size)
+            kwargs["out"] = self._batch_views(row)
+        else:
+            img = decode_image(image, self.decode_min_size)
         generator = torch.default_generator  # CPU only: torch.manual_seed would queue CUDA seeds
         torch_state, py_state = generator.get_state(), random.getstate()
         generator.manual_seed(aug_seed)
         random.seed(aug_seed)
         try:
-            return self.transform(img)
+            return self.transform(img, **kwargs)
         finally:  # never disturb the caller's RNG (num_workers=0 runs in the trainer)
             generator.set_state(torch_state)
             random.setstate(py_state)
+
+    def _batch_views(self, row: int) -> list[Tensor]:
+        """Row ``row`` of this batch's view tensors, which the preset writes into directly
+        (in a DataLoader worker they live in shared memory: no stacking, no copy on send)."""
+        if row == 0 or self._views_out is None:
+            sizes = self.transform.view_sizes  # type: ignore[attr-defined]
+            in_worker = get_worker_info() is not None
+            self._views_out = [
+                _empty((self.micro_batch, 3, size, size), shared=in_worker) for size in sizes
+            ]
+        return [v[row] for v in self._views_out]
 
     def _batches(
         self, samples: Iterator[tuple[_Pulled, int, int, int]], num_batches: int | None
     ) -> Iterator[dict]:
         counter = _SkipCounter(self.max_skip_fraction)
-        produced, bad_run, views, labels, positions = 0, 0, [], [], []
+        produced, bad_run = 0, 0
+        views: list[list[Tensor]] = []
+        labels: list[int | None] = []
+        positions: list[int] = []
+        ids: list[int] = []
+        seeds: list[int] = []
         where, reason = "", ""
         for pulled, position, aug_seed, repeat in samples:
             if num_batches is not None and produced >= num_batches:
@@ -256,7 +301,7 @@ class ShardStream(IterableDataset):
                 if raw.error is not None:
                     raise CorruptSample(raw.error)
                 assert raw.image is not None
-                sample_views = self._augment(raw.image, aug_seed)
+                sample_views = self._augment(raw.image, aug_seed, len(positions))
             except CorruptSample as exc:
                 reason = str(exc)
                 counter.bad(where, reason)
@@ -271,13 +316,15 @@ class ShardStream(IterableDataset):
             counter.repeats += repeat > 0
             views.append(sample_views)
             positions.append(position)
+            ids.append(self._first_sample[pulled.shard] + pulled.member)
+            seeds.append(aug_seed)
             if self.with_labels:
                 labels.append(raw.label)
             if len(positions) == self.micro_batch:
-                yield self._collate(views, labels, positions, counter.since_batch)
+                yield self._collate(views, labels, positions, ids, seeds, counter.since_batch)
                 produced += 1
                 counter.since_batch = 0
-                views, labels, positions = [], [], []
+                views, labels, positions, ids, seeds = [], [], [], [], []
         if counter.skipped:
             counter.check(where, reason)
             log.warning(
@@ -288,11 +335,27 @@ class ShardStream(IterableDataset):
             )
 
     def _collate(
-        self, views: list[list[Tensor]], labels: list, positions: list[int], skipped: int
+        self,
+        views: list[list[Tensor]],
+        labels: list,
+        positions: list[int],
+        ids: list[int],
+        seeds: list[int],
+        skipped: int,
     ) -> dict:
-        batch: dict = {
-            "views": [_stack(v) for v in zip(*views, strict=True)],  # each (B, 3, H, W)
+        batch: dict = {}
+        if self.decode_on_device:
+            batch["jpeg"] = _pack([v[0] for v in views])  # 1-D encoded or (3, H, W) pixels
+            batch["seed"] = torch.tensor(seeds, dtype=torch.long)
+        elif self._views_out is not None:  # the preset wrote the rows in place
+            batch["views"], self._views_out = self._views_out, None
+        else:
+            batch["views"] = [_stack(v) for v in zip(*views, strict=True)]  # each (B, 3, H, W)
+        batch |= {
             "index": torch.tensor(positions, dtype=torch.long),
+            # stable id of the sample: its position in the shard index (shard by shard,
+            # member by member), whatever the epoch; cached teacher features are keyed by it
+            "sample_id": torch.tensor(ids, dtype=torch.long),
             "skipped": skipped,
         }
         if self.with_labels:
@@ -300,13 +363,29 @@ class ShardStream(IterableDataset):
         return batch
 
 
+def _pack(items: list[Tensor]) -> list[Tensor]:
+    """The 1-D items as views of one flat tensor (one shared-memory block per batch)."""
+    flat_items = [t for t in items if t.dim() == 1]
+    flat = torch.empty(sum(t.numel() for t in flat_items), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        flat.share_memory_()
+    if flat_items:
+        torch.cat(flat_items, out=flat)
+    views = iter(flat.split([t.numel() for t in flat_items]))
+    return [next(views) if t.dim() == 1 else t for t in items]
+
+
 def _stack(tensors: tuple[Tensor, ...]) -> Tensor:
     """Stack; in a DataLoader worker straight into shared memory (saves the copy on send)."""
     if get_worker_info() is None:
         return torch.stack(tensors)
     first = tensors[0]
-    out = torch.empty((len(tensors), *first.shape), dtype=first.dtype).share_memory_()
-    return torch.stack(tensors, out=out)
+    return torch.stack(tensors, out=_empty((len(tensors), *first.shape), first.dtype, True))
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, shared: bool = False):
+    out = torch.empty(shape, dtype=dtype)
+    return out.share_memory_() if shared else out
 
 
 class ShardLoader:
@@ -352,8 +431,16 @@ def build_loader(
     resampled: bool = False,
     decode_min_size: int | None = None,
     shuffle_buffer: int = 500,
+    decode_on_device: bool = False,
 ) -> ShardLoader:
-    """Check the shards (missing ones fail here, by name) and build the rank's loader."""
+    """Check the shards (missing ones fail here, by name) and build the rank's loader.
+
+    ``decode_on_device``: batches carry the encoded images (``jpeg``) and per-sample seeds
+    (``seed``) instead of ``views``; ``transform`` and ``decode_min_size`` are then not used
+    here (build ``device_augment.DeviceViews`` from the same preset).
+    """
+    if decode_on_device and decode_min_size is not None:
+        warnings.warn("decode_min_size is ignored with decode_on_device", stacklevel=2)
     paths = expand_shards(shards)
     index = read_index(paths, index_path)
     if not 0.0 <= max_skip_fraction <= 1.0:
@@ -377,6 +464,7 @@ def build_loader(
         resampled=resampled,
         decode_min_size=decode_min_size,
         shuffle_buffer=shuffle_buffer,
+        decode_on_device=decode_on_device,
     )
     stream.set_epoch(epoch, start_batch)
     return ShardLoader(stream, num_workers)

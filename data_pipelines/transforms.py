@@ -1,9 +1,13 @@
 """Augmentation presets, one per method family, as their papers specify.
 
-A preset is a ``ViewTransform``: ``PIL.Image -> list[Tensor]``, each view float32 (3, H, W)
-normalised with ImageNet mean/std. Geometry (RandomResizedCrop, flip, resize) is
-torchvision.transforms.v2 on a uint8 tensor (its fast antialiased uint8 kernels); colour ops
-are the batched ops of ``gpu_augment`` (tested equal to torchvision's), applied with B = 1.
+A preset is a ``ViewTransform``: ``PIL.Image`` or uint8 ``(3, H, W)`` tensor (as
+``decode.decode_pixels`` gives) ``-> list[Tensor]``, each view float32 (3, H, W) normalised with
+ImageNet mean/std. Geometry is RandomResizedCrop (parameters drawn exactly as
+torchvision.transforms.v2 draws them, by ``crop_params``), flip and resize with the
+torchvision.transforms.v2 kernels on the uint8 tensor (its fast antialiased uint8 kernels on
+the channels-last layout the decoder gives); the image stays uint8 until one conversion to
+float; colour ops are the batched ops of ``gpu_augment`` (tested equal to torchvision's),
+applied with B = 1, and normalisation is one fused multiply-add.
 
 | preset | views | crop scale | colour |
 | --- | --- | --- | --- |
@@ -18,12 +22,14 @@ DINO's local crops take scale 0.05-0.4 at ``local_crop_size`` with blur p=0.5.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -33,6 +39,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS = ("mae", "simclr", "byol", "dino", "eval")
 BICUBIC = T.InterpolationMode.BICUBIC
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_LOG_RATIO = torch.log(torch.tensor(CROP_RATIO)).tolist()  # float32, as torchvision computes it
 
 
 def blur_kernel_size(img_size: int) -> int:
@@ -48,6 +56,35 @@ def pil_to_uint8(img: Image.Image) -> Tensor:
     return flat.view(img.height, img.width, 3).permute(2, 0, 1)
 
 
+def crop_params(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's (top, left, height, width), drawn with the same calls in the same
+    order as torchvision.transforms.v2.RandomResizedCrop (ratio 3/4..4/3), from ``generator``
+    (default: the global RNG, which makes it identical to torchvision's draw)."""
+    area = height * width
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(*scale, generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(*_LOG_RATIO, generator=generator).item())
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = width / height  # fallback: central crop
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif in_ratio > CROP_RATIO[1]:
+        h, w = height, round(height * CROP_RATIO[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     """One augmented view: geometry, then optional colour ops."""
@@ -59,7 +96,9 @@ class ViewSpec:
 
 
 class ViewTransform:
-    """Callable ``PIL.Image -> list[Tensor]`` producing the views of one preset."""
+    """Callable ``PIL.Image | uint8 (3, H, W) -> list[Tensor]`` producing a preset's views."""
+
+    takes_pixels = True  # the loader may pass decode.decode_pixels' uint8 tensor
 
     def __init__(self, name: str, views: Sequence[ViewSpec], eval_size: int | None = None):
         self.name = name
@@ -67,26 +106,11 @@ class ViewTransform:
         self.eval_size = eval_size
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        # uint8 -> normalised in one pass: x * scale + offset
+        # [0, 255] -> normalised in one pass: x * scale + offset
         self._scale = 1.0 / (255.0 * self._std)
         self._offset = -self._mean / self._std
-        self._geometry = [
-            T.Compose(
-                [T.RandomResizedCrop(v.size, scale=v.scale, interpolation=BICUBIC, antialias=True)]
-                + ([T.RandomHorizontalFlip()] if v.flip else [])
-            )
-            for v in self.views
-        ]
-        if eval_size is not None:
-            resize = round(eval_size / 0.875)
-            self._geometry = [
-                T.Compose(
-                    [
-                        T.Resize(resize, interpolation=BICUBIC, antialias=True),
-                        T.CenterCrop(eval_size),
-                    ]
-                )
-            ]
+        # [0, 1] -> normalised (after the colour ops): x * inv_std + offset
+        self._inv_std = 1.0 / self._std
 
     @property
     def decode_min_size(self) -> int:
@@ -97,21 +121,50 @@ class ViewTransform:
 
     @property
     def num_views(self) -> int:
-        return len(self._geometry)
+        return 1 if self.eval_size is not None else len(self.views)
 
-    def __call__(self, img: Image.Image) -> list[Tensor]:
-        pixels = pil_to_uint8(img)  # (3, H, W) uint8
+    @property
+    def view_sizes(self) -> list[int]:
+        """Side of each view, in order."""
+        return [self.eval_size] if self.eval_size is not None else [v.size for v in self.views]
+
+    def __call__(
+        self, img: Image.Image | Tensor, out: Sequence[Tensor] | None = None
+    ) -> list[Tensor]:
+        """``out``: optional float32 (3, size, size) tensors (e.g. rows of a batch) to write
+        the views into; the views never share memory with ``img``."""
+        pixels = img if isinstance(img, Tensor) else pil_to_uint8(img)  # (3, H, W) uint8
+        dest = list(out) if out is not None else [None] * self.num_views
         if self.eval_size is not None:
-            return [self._geometry[0](pixels).float().mul_(self._scale).add_(self._offset)]
-        out = []
-        for spec, geometry in zip(self.views, self._geometry, strict=False):
-            view = geometry(pixels)  # (3, size, size) uint8
+            resized = F.resize(
+                pixels, round(self.eval_size / 0.875), interpolation=BICUBIC, antialias=True
+            )
+            return [self._normalise(F.center_crop(resized, self.eval_size), dest[0])]
+        _, height, width = pixels.shape
+        views = []
+        for spec, target in zip(self.views, dest, strict=True):
+            top, left, h, w = crop_params(height, width, spec.scale)
+            view = F.resized_crop(
+                pixels, top, left, h, w, [spec.size, spec.size], BICUBIC, antialias=True
+            )  # (3, size, size) uint8
+            if spec.flip and torch.rand(1) < 0.5:  # torchvision's RandomHorizontalFlip draw
+                view = view.flip(-1)
             if spec.color is None:
-                out.append(view.float().mul_(self._scale).add_(self._offset))
+                views.append(self._normalise(view, target))
                 continue
-            x = spec.color(view.float().div_(255.0).unsqueeze(0)).squeeze(0)  # via (1, 3, s, s)
-            out.append(x.sub_(self._mean).div_(self._std))
-        return out
+            x = torch.empty((1, 3, spec.size, spec.size))  # contiguous: the colour ops' layout
+            x.copy_(view.unsqueeze(0)).mul_(1.0 / 255.0)
+            x = spec.color(x).squeeze(0)
+            if target is None:
+                views.append(x.mul_(self._inv_std).add_(self._offset))
+            else:
+                views.append(torch.addcmul(self._offset, x, self._inv_std, out=target))
+        return views
+
+    def _normalise(self, view: Tensor, out: Tensor | None = None) -> Tensor:
+        """uint8 (3, h, w), any layout -> contiguous normalised float32 in one pass."""
+        out = torch.empty(view.shape) if out is None else out
+        return torch.addcmul(self._offset, view, self._scale, out=out)
 
 
 def build_transform(

@@ -84,6 +84,8 @@ class DataConfig:
     """Extra small crops for multi-crop presets (DINO)."""
     local_crop_size: int = 96
     """Size of the local crops in pixels."""
+    decode_on_device: bool = False
+    """Decode (nvJPEG) and augment on the GPU; the CPU workers only read and batch bytes."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:

@@ -104,13 +104,19 @@ def data_position(
 
 
 def _to_device(
-    batch: dict[str, Any], device: torch.device, dtype: torch.dtype, channels_last: bool
+    batch: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool,
+    device_views: Any = None,
 ) -> dict[str, Any]:
+    """Views to the device in the training dtype; with ``device_views`` the batch holds
+    encoded JPEG bytes that are decoded and augmented there (data.decode_on_device)."""
     out = dict(batch)
+    views = device_views(batch) if "jpeg" in batch else batch["views"]
+    out.pop("jpeg", None)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out["views"] = [
-        v.to(device, dtype=dtype, non_blocking=True, memory_format=fmt) for v in batch["views"]
-    ]
+    out["views"] = [v.to(device, dtype=dtype, non_blocking=True, memory_format=fmt) for v in views]
     if "label" in batch:
         out["label"] = batch["label"].to(device)
     return out
@@ -150,6 +156,7 @@ class Batches:
 def run(cfg: RunConfig) -> int:
     import deepspeed
 
+    from data_pipelines.device_augment import DeviceViews
     from data_pipelines.loader import build_loader
     from data_pipelines.transforms import build_transform
 
@@ -182,6 +189,11 @@ def run(cfg: RunConfig) -> int:
         with_labels=method.uses_labels,
         max_skip_fraction=cfg.data.max_skip_fraction,
         resampled=cfg.data.resampled,
+        decode_min_size=None if cfg.data.decode_on_device else transform.decode_min_size,
+        decode_on_device=cfg.data.decode_on_device,
+    )
+    device_views = (
+        DeviceViews.from_transform(transform, device) if cfg.data.decode_on_device else None
     )
     accum = cfg.train.grad_accum
     steps_per_epoch = max(1, loader.batches_per_epoch // accum)
@@ -256,7 +268,9 @@ def run(cfg: RunConfig) -> int:
             batch: dict[str, Any] = {}
             for micro in range(accum):
                 tw = time.perf_counter()
-                batch = _to_device(batches.next(), device, dtype, cfg.model.channels_last)
+                batch = _to_device(
+                    batches.next(), device, dtype, cfg.model.channels_last, device_views
+                )
                 wait += time.perf_counter() - tw
                 torch.manual_seed(step_seed(cfg.train.seed, step, micro, rank))
                 out = engine(batch)

@@ -47,13 +47,13 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def artefact(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("artefact")
-    # A threshold of -1 can never be met: the command refuses (exit 3) but writes the folder.
-    assert main(_args(data, out, "verify.max_drop=-1")) == 3
+    # A threshold of -101 (points) can never be met: the command refuses (exit 3) but writes the folder.
+    assert main(_args(data, out, "verify.max_drop=-101")) == 3
     return out
 
 
 def test_accept_drop_exits_zero(artefact, data, tmp_path):
-    assert main([*_args(data, tmp_path, "verify.max_drop=-1"), "--accept-drop"]) == 0
+    assert main([*_args(data, tmp_path, "verify.max_drop=-101"), "--accept-drop"]) == 0
     report = json.loads((artefact / "report.json").read_text())
     assert report["passed"] is False and report["max_drop"] == -1
     spec = json.loads((artefact / "preprocess.json").read_text())

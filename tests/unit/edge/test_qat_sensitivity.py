@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models import fake_quant
 from train.edge import qat
 from train.edge.data import load_images
 from train.edge.onnx_export import export_onnx
@@ -13,7 +14,7 @@ from train.edge.sensitivity import scan, write_report
 
 def test_fake_quant_weight_is_per_channel_symmetric_int8():
     w = torch.randn(4, 3, 3, 3) * torch.tensor([0.1, 1.0, 10.0, 0.01]).view(4, 1, 1, 1)
-    q = qat.fake_quant_weight(w)
+    q = fake_quant.fake_quant_weight(w)
     scale = w.abs().flatten(1).amax(1) / 127  # independent: max |w| per output channel
     codes = q / scale.view(4, 1, 1, 1)
     assert torch.allclose(codes, codes.round(), atol=1e-3)
@@ -24,10 +25,10 @@ def test_prepare_and_strip_keep_parameter_names():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     m(torch.randn(1, 3, 8, 8))
     names = list(m.state_dict())
-    qat.prepare(m)
-    assert type(m[0]) is qat.FakeQuantConv2d and list(m.state_dict()) == names
+    fake_quant.prepare(m)
+    assert type(m[0]) is fake_quant.FakeQuantConv2d and list(m.state_dict()) == names
     m(torch.randn(2, 3, 8, 8))
-    qat.strip(m)
+    fake_quant.strip(m)
     assert type(m[0]) is nn.Conv2d and list(m.state_dict()) == names
 
 
@@ -38,7 +39,8 @@ def test_qat_finetune_returns_a_float_model(toy_data, toy_model):
     )
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert not any(
-        isinstance(m, (qat.FakeQuantConv2d, qat.FakeQuantLinear)) for m in tuned.modules()
+        isinstance(m, (fake_quant.FakeQuantConv2d, fake_quant.FakeQuantLinear))
+        for m in tuned.modules()
     )
     assert set(tuned.state_dict()) == set(toy_model.state_dict())
 

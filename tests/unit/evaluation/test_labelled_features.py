@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from data_pipelines.decode import decode_image
+from data_pipelines.decode import decode_pixels
 from data_pipelines.labelled import LabelledReader, batches_per_rank, rank_range
 from data_pipelines.transforms import build_transform
 from tests.unit.evaluation.conftest import train_spec, val_spec
@@ -41,7 +41,7 @@ def test_reader_yields_every_sample_in_order(shapes: Path) -> None:
             seen += list(zip(b["index"].tolist(), b["label"].tolist(), b["image"], strict=True))
     assert [i for i, _, _ in seen] == list(range(30))
     assert [lab for _, lab, _ in seen] == [lab for _, lab in raw]
-    ref = transform(decode_image(raw[17][0], transform.decode_min_size))[0]
+    ref = transform(decode_pixels(raw[17][0], transform.decode_min_size))[0]
     assert torch.equal(seen[17][2], ref)
 
 
