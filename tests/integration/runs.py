@@ -7,7 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,16 +84,30 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
-def spawn(
-    nproc: int, args: list[str], timeout: float = 300, module: str = "train.pretrain"
-) -> subprocess.CompletedProcess:
-    """N processes of ``python -m train.pretrain ARGS`` with rank variables, as srun starts them.
+@dataclass
+class Rank:
+    """One started rank and the files its output goes to."""
 
-    Unlike torchrun, which turns any non-zero exit into 1, this keeps rank 0's exit code
-    (75 after a signal-triggered checkpoint). Returns rank 0's result with all output.
+    proc: subprocess.Popen
+    out: IO[str]
+    err: IO[str]
+
+    def read(self) -> tuple[str, str]:
+        texts = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        return texts[0], texts[1]
+
+
+def start(nproc: int, args: list[str], module: str = "train.pretrain") -> list[Rank]:
+    """N processes of ``python -m MODULE ARGS`` with rank variables, as srun starts them.
+
+    Output goes to files, not pipes: a rank blocked on a full pipe would hang its peers.
     """
     port = str(free_port())
-    procs = []
+    ranks = []
     for rank in range(nproc):
         env = dict(
             os.environ,
@@ -103,21 +120,32 @@ def spawn(
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=port,
         )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", module, *args],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    outs = [p.communicate(timeout=timeout) for p in procs]
-    codes = [p.returncode for p in procs]
-    out = "".join(o for o, _ in outs)
-    err = "".join(e for _, e in outs)
+        out = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed by Rank.read)
+        err = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        cmd = [sys.executable, "-m", module, *args]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        ranks.append(Rank(proc, out, err))
+    return ranks
+
+
+def finish(ranks: list[Rank], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Wait for every rank; rank 0's exit code (-999 when ranks disagree), all output.
+
+    Unlike torchrun, which turns any non-zero exit into 1, this keeps the exit code (75
+    after a signal-triggered checkpoint).
+    """
+    codes = [r.proc.wait(timeout=timeout) for r in ranks]
+    texts = [r.read() for r in ranks]
+    out = "".join(o for o, _ in texts)
+    err = "".join(e for _, e in texts)
     if len(set(codes)) != 1:
         err += f"\nranks exited with different codes: {codes}"
-        codes[0] = -999
-    return subprocess.CompletedProcess(procs[0].args, codes[0], out, err)
+    code = codes[0] if len(set(codes)) == 1 else -999
+    return subprocess.CompletedProcess(ranks[0].proc.args, code, out, err)
+
+
+def spawn(
+    nproc: int, args: list[str], timeout: float = 300, module: str = "train.pretrain"
+) -> subprocess.CompletedProcess:
+    """``start`` + ``finish``: one multi-process run of ``python -m MODULE ARGS``."""
+    return finish(start(nproc, args, module), timeout)

@@ -7,9 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,47 +16,22 @@ from safetensors.torch import load_file, save_file
 from models.methods.distil import load_teacher
 from models.students import create_student
 from models.vit import create_vit
-from tests.integration.runs import ROOT, free_port, read_metrics, shard_overrides
+from tests.integration.runs import Rank, finish, read_metrics, shard_overrides, start
 
 pytestmark = pytest.mark.slow
 
 STUDENT = "mobilenetv3_small_100"
 
 
-def start_distil(nproc: int, args: list[str]) -> list[subprocess.Popen]:
-    """N processes of ``python -m train.distil ARGS`` with rank variables (as runs.spawn)."""
-    port = str(free_port())
-    procs = []
-    for rank in range(nproc):
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-            RANK=str(rank),
-            WORLD_SIZE=str(nproc),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "train.distil", *args],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    return procs
+def start_distil(nproc: int, args: list[str]) -> list[Rank]:
+    """N processes of ``python -m train.distil ARGS`` with rank variables."""
+    return start(nproc, args, module="train.distil")
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 240) -> tuple[int, str]:
-    """Rank 0's exit code (-1 when ranks disagree) and the output of all ranks."""
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    codes = {p.returncode for p in procs}
-    return (codes.pop() if len(codes) == 1 else -1), "".join(outs)
+def finish_distil(procs: list[Rank], timeout: float = 240) -> tuple[int, str]:
+    """Rank 0's exit code (-999 when ranks disagree) and the output of all ranks."""
+    done = finish(procs, timeout)
+    return done.returncode, done.stdout + done.stderr
 
 
 def _teacher(out: Path) -> Path:
@@ -124,7 +96,7 @@ def test_distillation_zero3_teacher_frozen_and_cache_equals_online(
         start_distil(2, [*common, f"train.output_dir={online}"]),
         start_distil(2, [*common, f"method.cache={cache}", f"train.output_dir={cached}"]),
     ]
-    for code, text in [finish(procs) for procs in runs]:
+    for code, text in [finish_distil(procs) for procs in runs]:
         assert code == 0, text[-3000:]
 
     # the teacher file and the teacher in memory at the last checkpoint are unchanged

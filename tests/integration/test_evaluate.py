@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.runs import ROOT, TINY, free_port, read_metrics, shard_overrides, spawn
+from tests.integration.runs import TINY, read_metrics, shard_overrides, spawn
 
 pytestmark = pytest.mark.slow
 
@@ -29,36 +27,7 @@ FINETUNE_TINY = [
 
 def evaluate(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m train.evaluate ARGS`` as N ranks (one process each, like srun)."""
-    port = str(free_port())
-    procs = []
-    for rank in range(nproc):
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-            RANK=str(rank),
-            WORLD_SIZE=str(nproc),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "train.evaluate", *args],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    outs = [p.communicate(timeout=timeout) for p in procs]
-    codes = {p.returncode for p in procs}
-    text = "".join(o + e for o, e in outs)
-    return subprocess.CompletedProcess(
-        procs[0].args, codes.pop() if len(codes) == 1 else -999, text, text
-    )
+    return spawn(nproc, args, timeout, module="train.evaluate")
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def artefact(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("artefact")
-    # A threshold of -101 (points) can never be met: the command refuses (exit 3) but writes the folder.
+    # A threshold of -101 points can never be met: the command refuses (exit 3), writes the folder.
     assert main(_args(data, out, "verify.max_drop=-101")) == 3
     return out
 
