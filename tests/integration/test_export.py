@@ -55,7 +55,7 @@ def artefact(data, tmp_path_factory):
 def test_accept_drop_exits_zero(artefact, data, tmp_path):
     assert main([*_args(data, tmp_path, "verify.max_drop=-101"), "--accept-drop"]) == 0
     report = json.loads((artefact / "report.json").read_text())
-    assert report["passed"] is False and report["max_drop"] == -1
+    assert report["passed"] is False and report["max_drop"] == -101
     spec = json.loads((artefact / "preprocess.json").read_text())
     assert spec["channel_order"] == "RGB" and spec["layout"] == "NCHW"
     assert not (artefact / "classes.json").exists()  # an encoder: embeddings, no head
