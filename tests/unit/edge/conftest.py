@@ -40,7 +40,7 @@ class ToyCNN(nn.Module):
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("edge_data")
-    write_default_dataset(root, train_per_class=30, val_per_class=10, shard_size=300)
+    write_default_dataset(root, train_per_class=60, val_per_class=30, shard_size=600)
     return {
         "train": str(root / "train" / "train-000000.tar"),
         "val": str(root / "val" / "val-000000.tar"),
@@ -60,7 +60,7 @@ def toy_model(toy_data: dict[str, str]) -> ToyCNN:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = torch.from_numpy(train.images), torch.from_numpy(train.labels)
     g = torch.Generator().manual_seed(0)
-    for _ in range(120):
+    for _ in range(400):
         idx = torch.randint(len(x), (32,), generator=g)
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
