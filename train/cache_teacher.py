@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from train.cli import user_error
 from train.config import ConfigError, RunConfig, load_config
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -165,12 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.method.cache or not cfg.method.teacher:  # type: ignore[attr-defined]
             raise ConfigError("set method.teacher and method.cache (the output directory)")
         print(cache_teacher(cfg, args.batch_size, args.num_workers, args.dtype), flush=True)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # ConfigError included
+        return user_error(e)
     return 0
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from data_pipelines.synthetic import write_default_dataset
-from train.config import ConfigError, load_config
+from train.cli import user_error
+from train.config import load_config
 
 DATA = Path("data/default")
 
@@ -35,9 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.insert(0, "train.precision=fp32")
     try:
         cfg = load_config("mae_vit_tiny_demo", overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # ConfigError included
+        return user_error(e)
     from train.trainer import run
 
     t0 = time.time()

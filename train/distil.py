@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from train.cli import user_error
 from train.config import ConfigError, RunConfig, load_config
 
 
@@ -47,12 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
         build_ds_config(cfg, world_size=1)
         check_distil(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # ConfigError included
+        return user_error(e)
     from train.trainer import run
 
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.config import ConfigError
+from train.cli import user_error
 
 PROTOCOLS = ("knn", "linear", "finetune", "label-efficiency", "pictures")
 
@@ -43,12 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             "pictures": protocols.run_pictures,
         }[args.protocol]
         run(eval_cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # ConfigError included
+        return user_error(e)
     return 0
 
 

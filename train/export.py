@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.config import ConfigError
+from train.cli import user_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,12 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         from train.edge.run import EXIT_DROP, run_export
 
         report = run_export(load_export_config(args.recipe, args.overrides))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # ConfigError included
+        return user_error(e)
     if not report["passed"]:
         print(
             f"INT8 accuracy drop {report['drop']:.2f} points > accepted {report['max_drop']}"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.config import ConfigError, load_config
+from train.cli import user_error
+from train.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,16 +24,14 @@ def main(argv: list[str] | None = None) -> int:
         from train.ds_config import build_ds_config
 
         build_ds_config(cfg, world_size=1)  # refuse a bad DeepSpeed config before any group
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # ConfigError included
+        return user_error(e)
     from train.trainer import run
 
     try:
         return run(cfg)
     except ValueError as e:  # bad input found at start-up (missing shards, bad checkpoint)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(e)
 
 
 if __name__ == "__main__":
