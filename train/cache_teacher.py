@@ -49,7 +49,7 @@ class _EvalViews(IterableDataset):
         self.transform = build_transform("eval", size)
 
     def _samples(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor | None]]:
-        from data_pipelines.decode import CorruptSample, decode_image
+        from data_pipelines.decode import CorruptSample, decode_pixels
         from data_pipelines.tar_samples import read_samples
 
         shard = bisect.bisect_right(self.first, start) - 1
@@ -60,8 +60,9 @@ class _EvalViews(IterableDataset):
                 assert raw is not None
                 img = None
                 if raw.error is None and raw.image is not None:
-                    try:  # decoded like the training loader (full size)
-                        img = self.transform(decode_image(raw.image))[0]
+                    try:  # decoded exactly as the training loader decodes (decoder + DCT scale)
+                        pixels = decode_pixels(raw.image, self.transform.decode_min_size)
+                        img = self.transform(pixels)[0]
                     except CorruptSample:
                         img = None
                 yield base + i, img
