@@ -49,6 +49,7 @@ from models.distill_losses import (
     patch_loss,
     relational_loss,
 )
+from models.distributed import all_reduce_mean_
 from models.heads import projection_mlp
 from models.methods.base import Batch, Method
 from models.registry import register_method
@@ -100,6 +101,11 @@ class DistilConfig(MethodConfig):
     """Softmax temperature of the teacher's similarities (sharper than the student's)."""
     logit_temp: float = 4.0
     """Temperature of logit distillation (the loss is scaled by its square)."""
+    teacher_center: float = 0.0
+    """EMA rate of a running mean of the teacher embeddings (over all ranks), subtracted from
+    them before the feature and relational losses; 0: off, 0.9: DINO's centre. The embeddings
+    of a self-supervised ViT share a large common direction: a cosine regression can match
+    that direction without learning what tells images apart; centred targets cannot."""
 
     def __post_init__(self) -> None:
         if not self.teacher and not self.cache:
@@ -115,6 +121,8 @@ class DistilConfig(MethodConfig):
         weights = (self.w_feature, self.w_relational, self.w_patch, self.w_logit)
         if min(weights) < 0 or sum(weights) <= 0:
             raise ConfigError("method.w_* must be >= 0 with at least one > 0")
+        if not 0.0 <= self.teacher_center < 1.0:
+            raise ConfigError("method.teacher_center must be in [0, 1)")
         if self.proj_hidden_dim < 0 or self.queue_size < 1:
             raise ConfigError("method.proj_hidden_dim must be >= 0 and queue_size >= 1")
         if min(self.student_temp, self.teacher_temp, self.logit_temp) <= 0:
@@ -243,7 +251,7 @@ def load_teacher(spec: str, pool: str = "cls") -> FrozenTeacher:
     from safetensors.torch import load_file
 
     from models.backbones import create_backbone
-    from train.evaluation.encoders import PREFIX, load_into, resolve
+    from train.evaluation.encoders import load_into, resolve
 
     kind, arch, location = resolve(spec)
     if kind == "random":
@@ -254,10 +262,10 @@ def load_teacher(spec: str, pool: str = "cls") -> FrozenTeacher:
         state = load_file(str(location))
     else:
         from train.checkpoint import read_meta
-        from train.export_encoder import consolidated_state_dict
+        from train.export_encoder import consolidated_state_dict, encoder_state
 
         full = consolidated_state_dict(location)
-        state = {k[len(PREFIX) :]: v.float() for k, v in full.items() if k.startswith(PREFIX)}
+        state = encoder_state(location, full)
         if "head.weight" in full:
             w, b = full["head.weight"].float(), full["head.bias"].float()
             head = nn.Linear(w.shape[1], w.shape[0])
@@ -371,6 +379,8 @@ class Distil(Method):
                 )
             self.logit_head = nn.Linear(shape.embed_dim, source.num_classes)
         self.queue = EmbeddingQueue(cfg.queue_size, dim) if cfg.w_relational > 0 else None
+        # float32 (1, D), a plain attribute like DINO's centre (checkpointed in extra_state)
+        self.center = torch.zeros(1, dim) if cfg.teacher_center > 0 else None
         # Plain objects, not submodules: see the module docstring.
         self.teacher = teacher
         self.cache = cache
@@ -408,16 +418,17 @@ class Distil(Method):
         t = self.teacher_outputs(batch, tokens=cfg.w_patch > 0)
         fmap, pooled = student_features(self.backbone, x)  # (B, C, h, w), (B, E)
         z = self.projector(pooled)  # (B, D)
+        target = self.centred(t.embedding)  # (B, D)
         parts: dict[str, torch.Tensor] = {}
         if cfg.w_feature > 0:
-            parts["feature"] = feature_loss(z, t.embedding, cfg.feature_loss)
+            parts["feature"] = feature_loss(z, target, cfg.feature_loss)
         if self.queue is not None:
-            anchors = self.queue.anchors(t.embedding)
+            anchors = self.queue.anchors(target)
             parts["relational"] = relational_loss(
-                z, t.embedding, anchors, cfg.student_temp, cfg.teacher_temp
+                z, target, anchors, cfg.student_temp, cfg.teacher_temp
             )
             if self.training:
-                self.queue.push(t.embedding)
+                self.queue.push(target)
         if cfg.w_patch > 0:
             assert t.tokens is not None and t.grid is not None
             parts["patch"] = patch_loss(self.patch_proj(fmap), t.tokens, t.grid, cfg.patch_loss)
@@ -433,14 +444,30 @@ class Distil(Method):
         }
         loss = sum((weights[k] * v for k, v in parts.items()), torch.zeros((), device=x.device))
         out: dict[str, Any] = {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
-        out["embeddings"] = (z.detach().float(), t.embedding.detach())
+        out["embeddings"] = (z.detach().float(), target.detach())
         return out
+
+    @torch.no_grad()
+    def centred(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``embedding`` minus the running mean of the teacher embeddings (updated first, in
+        training), or ``embedding`` itself when ``teacher_center`` is off."""
+        if self.center is None:
+            return embedding
+        if self.center.device != embedding.device:
+            self.center = self.center.to(embedding.device)
+        if self.training:
+            batch = all_reduce_mean_(embedding.float().mean(dim=0, keepdim=True))  # (1, D)
+            m = self.cfg.teacher_center
+            self.center = self.center * m + batch * (1 - m)
+        return embedding.float() - self.center
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         digest = torch.tensor(list(self.teacher_sha256()), dtype=torch.uint8)
         state = {"teacher_sha256": digest}
         if self.queue is not None:
             state.update(self.queue.state_dict())
+        if self.center is not None:
+            state["teacher_center"] = self.center.detach().clone()
         return state
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -452,6 +479,8 @@ class Distil(Method):
             )
         if self.queue is not None:
             self.queue.load_state_dict(state)
+        if self.center is not None:
+            self.center = state["teacher_center"].to(self.center.device, torch.float32).clone()
 
 
 @register_method("distil", DistilConfig)

@@ -185,7 +185,10 @@ def test_logit_distillation_from_a_finetuned_checkpoint(
         _method(teacher_export, w_logit=1.0)
 
 
-def test_cached_teacher_gives_the_online_losses(tmp_path: Path, teacher_export: Path) -> None:
+@pytest.mark.parametrize("center", [0.0, 0.9])
+def test_cached_teacher_gives_the_online_losses(
+    tmp_path: Path, teacher_export: Path, center: float
+) -> None:
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     ref = timm_teacher(teacher_export)
     with torch.no_grad():
@@ -197,8 +200,8 @@ def test_cached_teacher_gives_the_online_losses(tmp_path: Path, teacher_export: 
     cache.mkdir()
     np.save(cache / CACHE_FEATURES, feats)
     (cache / CACHE_META).write_text(json.dumps({"teacher_sha256": "ab" * 32}))
-    online = _method(teacher_export, w_relational=1.0)
-    cached = _method(teacher_export, w_relational=1.0, cache=str(cache))
+    online = _method(teacher_export, w_relational=1.0, teacher_center=center)
+    cached = _method(teacher_export, w_relational=1.0, cache=str(cache), teacher_center=center)
     assert cached.teacher is None and isinstance(cached.cache, TeacherCache)
     for _ in range(2):  # the second step uses the queue filled by the first
         a = online({"views": [x]})
@@ -253,3 +256,39 @@ def test_loader_sample_id_is_the_position_in_the_shard_index(tmp_path: Path) -> 
             assert torch.equal(batch["views"][0], reader.read(ids)["image"])
             seen += ids
     assert set(seen) <= set(range(30)) and len(set(seen)) > 20
+
+
+def test_teacher_center_subtracts_a_running_mean_of_the_teacher_embeddings(
+    teacher_export: Path,
+) -> None:
+    """method.teacher_center=m: the losses see t - c with c <- m c + (1 - m) mean(t), updated
+    before use in training and frozen in eval; the centre is checkpointed."""
+    method = _method(teacher_export, w_feature=1.0, w_relational=1.0, teacher_center=0.9)
+    method.train()
+    ref = timm_teacher(teacher_export)
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(3)]
+    center = torch.zeros(1, 192)
+    for x in batches:
+        anchors = method.queue.anchors(x).clone()  # type: ignore[union-attr]
+        out = method({"views": [x]})
+        with torch.no_grad():
+            t = ref.forward_features(x)[:, 0]
+            center = 0.9 * center + 0.1 * t.mean(dim=0, keepdim=True)
+            z = method.projector(method.backbone.forward_head(method.backbone.forward_features(x)))
+        # the student/projector moved nothing (no optimizer step): z is the forward's
+        assert float(out["feature"]) == pytest.approx(float(feature_loss(z, t - center)), rel=1e-5)
+        expected = relational_loss(z, t - center, anchors, 0.2, 0.01)
+        assert float(out["relational"]) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(method.center, center, rtol=1e-5, atol=1e-6)
+    # eval: the centre is used but not updated
+    method.eval()
+    method({"views": [batches[0]]})
+    torch.testing.assert_close(method.center, center, rtol=1e-5, atol=1e-6)
+    # checkpointed and restored
+    state = method.extra_state()
+    fresh = _method(teacher_export, w_feature=1.0, w_relational=1.0, teacher_center=0.9)
+    fresh.load_extra_state(state)
+    torch.testing.assert_close(fresh.center, center, rtol=1e-5, atol=1e-6)
+    # off by default: the raw embeddings are the targets (test above)
+    assert _method(teacher_export).center is None
