@@ -61,7 +61,8 @@ def model_card(report: dict[str, Any], meta: dict[str, Any]) -> str:
             "## Quantization",
             f"- ONNX Runtime static INT8, format {q.get('format', '?')}, activations "
             f"{q.get('activation_type', '?')} (symmetric: {q.get('symmetric_activations')}), "
-            f"per-channel int8 weights: {q.get('per_channel')}.",
+            f"per-channel int8 weights: {q.get('per_channel')}, "
+            f"7-bit reduced range: {q.get('reduce_range', False)}.",
             f"- Calibration: {q.get('calibration', '?')} on {q.get('calibration_images', '?')} "
             f"images of `{meta.get('calibration_data', '?')}`.",
             f"- Layers kept in float: {', '.join(q.get('exclude', [])) or 'none'}.",

@@ -41,6 +41,9 @@ class QuantSettings:
     """Per-output-channel weight scales."""
     symmetric_activations: bool = True
     """Zero point 0 for activations (ActivationSymmetric)."""
+    reduce_range: bool = False
+    """7-bit weights: avoids the saturation of U8S8 products on x86 CPUs without VNNI
+    (AVX2's vpmaddubsw), as ONNX Runtime advises for such CPUs, at some precision."""
     exclude: list[str] = field(default_factory=list)
     """ONNX node names kept in float."""
 
@@ -153,6 +156,7 @@ def quantize_int8(
             per_channel=s.per_channel,
             activation_type=QuantType.QInt8 if s.activation_type == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            reduce_range=s.reduce_range,
             op_types_to_quantize=None,
             nodes_to_exclude=list(s.exclude if exclude is None else exclude),
             nodes_to_quantize=list(include) if include is not None else None,

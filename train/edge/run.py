@@ -228,6 +228,7 @@ def _markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
         + f"; FP32 ONNX vs PyTorch max |diff| {meta['fp32_onnx_max_abs_diff']:.2e}.",
         f"INT8: ONNX Runtime static, {q['format']}, activations {q['activation_type']} "
         f"(symmetric {q['symmetric_activations']}), per-channel weights {q['per_channel']}, "
+        f"reduced range {q.get('reduce_range', False)}, "
         f"calibration {q['calibration']} on {q['calibration_images']} images; "
         f"kept in float: {', '.join(q['exclude']) or 'none'}.",
         "",

@@ -124,3 +124,30 @@ def test_calibration_methods_and_formats_all_run(toy_data, toy_model, tmp_path):
         got = run_onnx(ort_session(q), x)
         cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
         assert cos.mean() > 0.95, (method, fmt, act)
+
+
+def test_reduce_range_keeps_weights_in_seven_bits(toy_data, toy_model, tmp_path):
+    """quant.reduce_range: every int8 weight lies in [-64, 63] (7 bits), and the model still
+    computes what the FP32 one does; without it the weights use the full int8 range."""
+    from onnx import numpy_helper
+
+    from train.edge.onnx_export import export_onnx
+    from train.edge.quantize_ort import QuantSettings, quantize_int8
+
+    fp32 = export_onnx(toy_model, tmp_path / "m.onnx", 32, exporter="torchscript").path
+    calib = load_images(toy_data["train"], 32, limit=16).images
+    ranges = {}
+    for reduce in (False, True):
+        s = QuantSettings(activation_type="uint8", reduce_range=reduce)
+        q = quantize_int8(fp32, tmp_path / f"r{int(reduce)}.onnx", calib, s)
+        weights = [
+            numpy_helper.to_array(t)
+            for t in onnx.load(str(q)).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and t.dims and len(t.dims) > 1
+        ]
+        assert weights
+        ranges[reduce] = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+        ref, got = run_onnx(ort_session(fp32), calib[:8]), run_onnx(ort_session(q), calib[:8])
+        cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+        assert cos.mean() > 0.95, reduce
+    assert ranges[True] <= 64 < ranges[False]
