@@ -204,6 +204,9 @@ class MethodConfig:
 
     name: str = "mae"
     """The method: mae, simclr, mocov3, byol, simsiam, dino."""
+    export_teacher: bool = False
+    """Export and evaluate the EMA teacher's backbone instead of the trained one (methods
+    with a teacher only; DINO's default, as its authors evaluate the teacher)."""
 
 
 @dataclass

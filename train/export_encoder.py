@@ -2,7 +2,8 @@
 
 ``python -m train.export_encoder RUN_DIR_OR_CHECKPOINT [--out DIR]`` consolidates the
 fp32 master weights from the ZeRO partitions (DeepSpeed's ``zero_to_fp32``), keeps the
-``backbone.`` parameters, and writes ``encoder.safetensors`` plus ``encoder.json`` (the
+``backbone.`` parameters (or, with ``method.export_teacher``, the EMA teacher's backbone
+from ``extra_state.safetensors``), and writes ``encoder.safetensors`` plus ``encoder.json`` (the
 timm model name and the keyword arguments to rebuild it). :func:`load_encoder` reads it
 back into ``timm.create_model`` of the same architecture.
 """
@@ -22,6 +23,7 @@ from torch import nn
 from train.checkpoint import MARKER, latest_complete, read_meta
 
 PREFIX = "backbone."
+TEACHER_PREFIX = "teacher.backbone."
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -52,6 +54,29 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state["module"].items()}
 
 
+def encoder_state(
+    ckpt: Path, full: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The encoder's fp32 weights (timm names) in checkpoint ``ckpt``.
+
+    The trained backbone, or the EMA teacher's when the run's method sets ``export_teacher``.
+    ``full``: the checkpoint's consolidated state dict, when the caller already has it.
+    """
+    method = read_meta(ckpt)["config"]["method"]
+    if method.get("export_teacher", False):
+        extra = ckpt / "extra_state.safetensors"
+        if not extra.is_file():
+            raise ValueError(f"{ckpt}: method.export_teacher is set but there is no {extra.name}")
+        source, prefix = load_file(str(extra)), TEACHER_PREFIX
+    else:
+        source, prefix = (consolidated_state_dict(ckpt) if full is None else full), PREFIX
+    n = len(prefix)
+    state = {k[n:]: v.float().contiguous() for k, v in source.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{ckpt}: no '{prefix}*' parameters in the checkpoint")
+    return state
+
+
 def encoder_spec(meta: dict[str, Any]) -> dict[str, Any]:
     model = meta["config"]["model"]
     return {
@@ -65,6 +90,7 @@ def encoder_spec(meta: dict[str, Any]) -> dict[str, Any]:
         else {"num_classes": 0},
         "cifar_stem": model.get("cifar_stem", False),
         "method": meta["config"]["method"]["name"],
+        "weights": "teacher" if meta["config"]["method"].get("export_teacher") else "backbone",
         "step": meta["step"],
     }
 
@@ -72,12 +98,7 @@ def encoder_spec(meta: dict[str, Any]) -> dict[str, Any]:
 def export_encoder(path: Path, out_dir: Path) -> Path:
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
-    full = consolidated_state_dict(ckpt)
-    encoder = {
-        k[len(PREFIX) :]: v.float().contiguous() for k, v in full.items() if k.startswith(PREFIX)
-    }
-    if not encoder:
-        raise ValueError(f"{ckpt}: no '{PREFIX}*' parameters in the checkpoint")
+    encoder = encoder_state(ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "encoder.safetensors"
     save_file(encoder, str(weights))

@@ -42,6 +42,8 @@ class DINOConfig(MethodConfig):
 
     name: str = "dino"
     """The method's registry name."""
+    export_teacher: bool = True
+    """DINO evaluates the teacher, which is better than the student (Caron et al., 2021)."""
     out_dim: int = 65536
     """Number of prototypes K of the head (65536 for ImageNet; a few thousand for CIFAR)."""
     hidden_dim: int = 2048

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from tests.integration.runs import TINY, read_metrics, shard_overrides, spawn
 from train.checkpoint import latest_complete
+from train.export_encoder import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +98,24 @@ def test_every_method_trains_on_two_processes_and_zero3_teacher_matches_zero0(
         ]
         assert len(collapse) == 3 and collapse[0]["collapse/rankme"] > 1.0, name
         assert (tmp_path / name / "export" / "encoder.safetensors").is_file(), name
+
+    # DINO exports its EMA teacher (method.export_teacher), the others their trained backbone.
+    for name, source in (("dino", "teacher"), ("simclr", "backbone")):
+        ckpt = latest_complete(tmp_path / name / "checkpoints")
+        assert ckpt is not None
+        exported = load_file(str(tmp_path / name / "export" / "encoder.safetensors"))
+        student = consolidated_state_dict(ckpt)
+        if source == "teacher":
+            teacher = load_file(str(ckpt / "extra_state.safetensors"))
+            for key, value in exported.items():
+                torch.testing.assert_close(value, teacher["teacher.backbone." + key].float())
+            assert any(
+                not torch.equal(value, student["backbone." + key].float())
+                for key, value in exported.items()
+            ), "the teacher export should differ from the student after 3 steps"
+        else:
+            for key, value in exported.items():
+                torch.testing.assert_close(value, student["backbone." + key].float())
 
     teachers = {}
     for zero in ("zero0", "zero3"):

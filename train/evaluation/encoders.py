@@ -30,7 +30,6 @@ from models.backbones import create_backbone
 from train.config import ConfigError, ModelConfig, build_dataclass
 
 RANDOM_PREFIX = "random:"
-PREFIX = "backbone."
 
 
 @dataclass
@@ -103,15 +102,11 @@ def resolve(spec: str, img_size: int = 32, patch_size: int = 4) -> tuple[str, Mo
 
 def backbone_state(kind: str, location: Any) -> dict[str, torch.Tensor]:
     """fp32 backbone weights (timm names) of a checkpoint or export."""
-    from train.export_encoder import consolidated_state_dict
+    from train.export_encoder import encoder_state
 
     if kind == "export":
         return load_file(str(location))
-    full = consolidated_state_dict(location)
-    state = {k[len(PREFIX) :]: v.float() for k, v in full.items() if k.startswith(PREFIX)}
-    if not state:
-        raise ValueError(f"{location}: no '{PREFIX}*' parameters in the checkpoint")
-    return state
+    return encoder_state(location)
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:
