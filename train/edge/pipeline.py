@@ -6,8 +6,8 @@ subprocess (``python -m train.pretrain``, ``python -m train.evaluate knn``, ``py
 train.distil``), each writing into ``<output_dir>/<stage>``; the export of each model (the
 pretrained encoder and, when distillation ran, the student) runs in this process.
 Stage overrides may use ``{out}`` (the stage's directory), ``{encoder}`` (the pretrained
-encoder) and ``{root}`` (the pipeline's directory). A stage whose command or recipe is
-missing (distillation while it is being written) is skipped with a message.
+encoder) and ``{root}`` (the pipeline's directory). Every enabled stage's recipe is checked
+before the first stage runs, so a wrong name fails at once with one line.
 
 The final ``report.md`` gathers every stage's numbers, with PNG plots: the loss curves of
 each stage's ``metrics.jsonl``, accuracy at each stage, latency and size of each export.
@@ -15,7 +15,6 @@ each stage's ``metrics.jsonl``, accuracy at each stage, latency and size of each
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -74,12 +73,16 @@ def _run(name: str, cmd: list[str], log: Path) -> int:
     return code
 
 
-def _recipe_ok(recipe: str) -> bool:
-    try:
-        resolve_recipe_path(recipe)
-    except ConfigError:
-        return False
-    return True
+def check_recipes(cfg: PipelineConfig) -> None:
+    """Raise ConfigError naming the first enabled stage whose recipe does not resolve."""
+    for name in ("pretrain", "evaluate", "distil", "export"):
+        section: StageSection = getattr(cfg, name)
+        if not section.enabled or (name == "pretrain" and cfg.checkpoint):
+            continue
+        try:
+            resolve_recipe_path(section.recipe)
+        except ConfigError as e:
+            raise ConfigError(f"pipeline stage {name}: {e}") from None
 
 
 def run_pipeline(cfg: PipelineConfig, accept_drop: bool = False) -> int:
@@ -87,6 +90,7 @@ def run_pipeline(cfg: PipelineConfig, accept_drop: bool = False) -> int:
     from train.edge.config import load_export_config
     from train.edge.run import EXIT_DROP, run_export
 
+    check_recipes(cfg)
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -125,22 +129,14 @@ def run_pipeline(cfg: PipelineConfig, accept_drop: bool = False) -> int:
     student = ""
     if cfg.distil.enabled:
         out = root / "distil"
-        if importlib.util.find_spec("train.distil") is None or not _recipe_ok(cfg.distil.recipe):
-            msg = (
-                f"distil stage skipped: python -m train.distil or recipe "
-                f"{cfg.distil.recipe!r} is not available yet"
-            )
-            print(f"[pipeline] {msg}", flush=True)
-            stages["distil"] = {"skipped": msg}
-        else:
-            args = _fill(cfg.distil.overrides, out=str(out), root=str(root), encoder=encoder)
-            code = _run(
-                "distil", [py, "-m", "train.distil", cfg.distil.recipe, *args], root / "distil.log"
-            )
-            if code:
-                return code
-            student = (cfg.distil.result or "{out}").format(out=out, root=root, encoder=encoder)
-            stages["distil"] = {"dir": str(out), "student": student}
+        args = _fill(cfg.distil.overrides, out=str(out), root=str(root), encoder=encoder)
+        code = _run(
+            "distil", [py, "-m", "train.distil", cfg.distil.recipe, *args], root / "distil.log"
+        )
+        if code:
+            return code
+        student = (cfg.distil.result or "{out}").format(out=out, root=root, encoder=encoder)
+        stages["distil"] = {"dir": str(out), "student": student}
     exports: dict[str, dict[str, Any]] = {}
     targets = [("teacher", encoder)] if cfg.export_teacher or not student else []
     targets += [("student", student)] if student else []
@@ -214,8 +210,6 @@ def write_report(root: Path, stages: dict[str, Any], exports: dict[str, Any]) ->
                 f"- {name}: {len(rows)} logged steps, loss {rows[0]['loss']:.4f} -> "
                 f"{rows[-1]['loss']:.4f} ({stages[name]['dir']})"
             )
-        elif "skipped" in stages.get(name, {}):
-            lines.append(f"- {name}: {stages[name]['skipped']}")
     if plotted:
         ax.set(xlabel="step", ylabel="loss", title="training losses")
         ax.legend()

@@ -1,0 +1,103 @@
+"""The one-command chain (pretrain -> evaluate -> distil -> INT8 artefact) on generated data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+
+from train.export import main
+
+pytestmark = pytest.mark.slow
+
+
+def _stage_lists(data: Path) -> list[str]:
+    """Tiny overrides for every stage, as TOML arrays (JSON lists of strings are valid TOML)."""
+    train, val = data / "train" / "train-000000.tar", data / "val" / "val-000000.tar"
+    small = ["train.steps=3", "train.micro_batch=8", "data.num_workers=0", "log.every=1"]
+    fast = ["train.precision=fp32", "train.zero=zero0", "log.progress=false", *small]
+    stages = {
+        "pretrain": [
+            "model.patch_size=8",
+            "method.decoder_dim=32",
+            "method.decoder_depth=1",
+            "method.decoder_heads=2",
+            "log.image_every=0",
+            f"data.train_shards={train}",
+            *fast,
+        ],
+        "evaluate": [
+            "encoder.compare_random=false",
+            "data.num_workers=0",
+            f"data.train={train}",
+            f"data.val={val}",
+        ],
+        "distil": [
+            "method.teacher={encoder}",
+            "train.output_dir={out}",
+            "model.name=mobilenetv3_small_050",
+            "method.proj_hidden_dim=32",
+            "method.queue_size=16",
+            f"data.train_shards={train}",
+            f"data.val_shards={val}",
+            *fast,
+        ],
+        "export": [
+            f"data.train={train}",
+            f"data.val={val}",
+            "exporter=torchscript",
+            "torchscript=false",
+            "quant.calibration_images=16",
+            "verify.repeats=2",
+            "verify.warmup=0",
+            "verify.batch_sizes=[1, 4]",
+            "qat.enabled=false",
+        ],
+    }
+    return [f"{name}.overrides={json.dumps(items)}" for name, items in stages.items()]
+
+
+def test_pipeline_one_command_chain(tmp_path: Path) -> None:
+    from data_pipelines.synthetic import write_default_dataset
+
+    data = tmp_path / "data"
+    write_default_dataset(data, train_per_class=6, val_per_class=3, shard_size=100)
+    root = tmp_path / "chain"
+    args = ["pipeline", "export_pipeline_demo", f"output_dir={root}", *_stage_lists(data)]
+    code = main([*args, "--accept-drop"])
+    assert code == 0
+
+    # every stage ran into its own folder, the student was distilled from the pretrained encoder
+    distil_cfg = json.loads((root / "distil" / "config.json").read_text())
+    assert Path(distil_cfg["method"]["teacher"]) == root / "pretrain"
+    assert distil_cfg["model"]["name"] == "mobilenetv3_small_050"
+    knn = json.loads((root / "evaluate" / "knn.json").read_text())
+    assert knn  # the evaluation stage wrote its result
+    for name in ("teacher", "student"):
+        art = root / f"artefact_{name}"
+        for f in ("model.fp32.onnx", "model.int8.onnx", "preprocess.json", "report.json"):
+            assert (art / f).is_file(), (name, f)
+    # the student artefact embeds what the student computes (the head dropped)
+    from train.evaluation.encoders import load_encoder
+
+    student = load_encoder(str(root / "distil")).model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    sess = ort.InferenceSession(str(root / "artefact_student" / "model.fp32.onnx"))
+    (onnx_out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(onnx_out), student(x), atol=1e-4, rtol=1e-4)
+    report = (root / "report.md").read_text()
+    assert "pretrain" in report and "distil" in report
+    assert (root / "losses.png").stat().st_size > 0
+
+
+def test_pipeline_refuses_unknown_recipe_before_running(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "chain"
+    code = main(["pipeline", "export_pipeline_demo", f"output_dir={root}", "distil.recipe=nope"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distil" in err[0] and "nope" in err[0]
+    assert not root.exists()  # nothing ran
