@@ -7,10 +7,13 @@ Both sides read the same JPEG files (the baseline from a temporary ImageFolder, 
 temporary shards of the same bytes), use the same number of DataLoader workers and the same
 batch size, and produce the same views. Baseline: PIL decode + torchvision.transforms.v2 on
 PIL images (RandomResizedCrop, flip, ColorJitter, Grayscale, GaussianBlur, Solarize,
-ToImage/ToDtype/Normalize). Ours: reduced-size libjpeg-turbo decode + the presets of
-transforms.py + loader.py. The two are run alternately ``--rounds`` times; the table gives
-medians of images/s per CPU core (throughput / min(workers, cores)) and of CPU ms per image
-(main process + workers: robust on a shared machine), and the median of the per-round ratios.
+ToImage/ToDtype/Normalize). Ours: the presets of transforms.py through loader.py
+(libjpeg-turbo decode at the DCT scale that covers the drawn crops, uint8 resize kernels),
+twice: with float32 normalised views from the workers, as the baseline gives them, and with
+8-bit views that the trainer normalises on the device (``data.uint8_views``, its default).
+The loaders are run alternately ``--rounds`` times; the table gives medians of images/s per
+CPU core (throughput / min(workers, cores)) and of CPU ms per image (main process + workers,
+start-up included), and the median of the per-round throughput ratios.
 
 ``--device cuda``: our loader with ``decode_on_device`` (workers only read bytes) feeding
 ``DeviceViews`` (nvJPEG decode + augmentation on the GPU) into MAE ViT-B/16 training steps
@@ -150,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             base_ds = ImageFolder(
                 str(folder.parent), transform=baseline_transform(preset, args.img_size, local)
             )
-            ours_tf = build_transform(preset, args.img_size, local_crops=local)
-            runs: dict[str, list[tuple[float, float]]] = {"base": [], "ours": []}
+            ours_tf = {
+                "ours": build_transform(preset, args.img_size, local_crops=local),
+                "ours_u8": build_transform(preset, args.img_size, local_crops=local, uint8=True),
+            }
+            runs: dict[str, list[tuple[float, float]]] = {"base": [], "ours": [], "ours_u8": []}
             for _ in range(args.rounds):
                 base: DataLoader = DataLoader(
                     ConcatDataset([base_ds] * args.repeat),
@@ -162,44 +168,50 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 n, t, cpu = time_loader(base, limit)
                 runs["base"].append((n / t / cores, cpu))
-                ours = build_loader(
-                    shards,
-                    transform=ours_tf,
-                    micro_batch=args.batch,
-                    rank=0,
-                    world_size=1,
-                    num_workers=args.workers,
-                    seed=0,
-                    decode_min_size=ours_tf.decode_min_size,
-                )
-                n, t, cpu = time_loader(ours, limit)
-                runs["ours"].append((n / t / cores, cpu))
-            med = {
-                k: [statistics.median(col) for col in zip(*v, strict=True)] for k, v in runs.items()
-            }
-            ratio = statistics.median(
-                o[0] / b[0] for b, o in zip(runs["base"], runs["ours"], strict=True)
-            )
-            cpu_ratio = statistics.median(
-                b[1] / o[1] for b, o in zip(runs["base"], runs["ours"], strict=True)
-            )
-            name = f"{preset} {ours_tf.num_views} views @{args.img_size}"
-            rows.append(
-                f"| {name} | {med['base'][0]:.1f} | {med['ours'][0]:.1f} | {ratio:.2f}x "
-                f"| {1e3 * med['base'][1]:.1f} | {1e3 * med['ours'][1]:.1f} | {cpu_ratio:.2f}x |"
-            )
+                for name, tf in ours_tf.items():
+                    ours = build_loader(
+                        shards,
+                        transform=tf,
+                        micro_batch=args.batch,
+                        rank=0,
+                        world_size=1,
+                        num_workers=args.workers,
+                        seed=0,
+                        decode_min_size=tf.decode_min_size,
+                    )
+                    n, t, cpu = time_loader(ours, limit)
+                    runs[name].append((n / t / cores, cpu))
+            rows.append(_row(preset, ours_tf["ours"].num_views, args.img_size, runs))
             print(rows[-1], flush=True)
     print(
         f"\nmedians of {args.rounds} alternating rounds ({args.workers} workers,"
-        f" batch {args.batch}, {n_items} images)\n"
+        f" batch {args.batch}, {n_items} images); float: normalised float32 views from the"
+        " workers, as the baseline gives; uint8: 8-bit views normalised on the device"
+        " (data.uint8_views, the trainer's default)\n"
     )
     print(
-        "| preset | baseline img/s/core | ours img/s/core | ratio (median) "
-        "| baseline CPU ms/img | ours CPU ms/img | CPU ratio (median) |"
+        "| preset | baseline img/s/core | ours float img/s/core | ratio | ours uint8 img/s/core"
+        " | ratio | CPU ms/img baseline / float / uint8 |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     return 0
+
+
+def _row(preset: str, views: int, size: int, runs: dict[str, list[tuple[float, float]]]) -> str:
+    """A table row: median throughput per core and CPU ms per image of each loader, and the
+    median of the per-round throughput ratios against the baseline."""
+    med = {k: [statistics.median(col) for col in zip(*v, strict=True)] for k, v in runs.items()}
+
+    def ratio(name: str) -> float:
+        pairs = zip(runs["base"], runs[name], strict=True)
+        return statistics.median(o[0] / b[0] for b, o in pairs)
+
+    cpu = " / ".join(f"{1e3 * med[k][1]:.1f}" for k in ("base", "ours", "ours_u8"))
+    return (
+        f"| {preset} {views} views @{size} | {med['base'][0]:.1f} | {med['ours'][0]:.1f} "
+        f"| {ratio('ours'):.2f}x | {med['ours_u8'][0]:.1f} | {ratio('ours_u8'):.2f}x | {cpu} |"
+    )
 
 
 def _prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, int]:

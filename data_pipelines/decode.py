@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -54,13 +55,41 @@ def draft_scale(width: int, height: int, min_size: int | None) -> int:
     return 1
 
 
-def decode_pixels(data: bytes, min_size: int | None = None) -> Tensor:
+def covering_reduction(needs: Sequence[tuple[int, int, int]]) -> int:
+    """The largest reduction 1, 2, 4 or 8 at which every crop still covers its output:
+    ``needs`` holds (crop height, crop width, output side) in full-size pixels. Only powers
+    of two: libjpeg-turbo's M/8 scalings (7/8, 3/4, ...) decode slower than full size."""
+    for reduction in (8, 4, 2):
+        if all(h // reduction >= size and w // reduction >= size for h, w, size in needs):
+            return reduction
+    return 1
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the header of a JPEG that ``decode_pixels`` decodes with
+    libjpeg-turbo; None for anything else (PIL then decodes it at full size)."""
+    if simplejpeg is None or data[:2] != b"\xff\xd8":
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (height, width) if colorspace in ("YCbCr", "Gray", "RGB") else None
+
+
+def decode_pixels(
+    data: bytes, min_size: int | None = None, *, reduction: int | None = None
+) -> Tensor:
     """Decode to uint8 (3, H, W) (a channels-last view of an (H, W, 3) array), at the size
-    ``decode_image`` gives. JPEGs go through libjpeg-turbo (simplejpeg), the rest through PIL."""
+    ``decode_image`` gives for ``min_size``, or reduced ``reduction`` times (1, 2, 4 or 8;
+    sides rounded up, as libjpeg does). JPEGs go through libjpeg-turbo (simplejpeg), the rest
+    through PIL (which ignores ``reduction`` for formats other than JPEG)."""
+    if reduction not in (None, 1, 2, 4, 8):
+        raise ValueError(f"reduction must be 1, 2, 4 or 8, got {reduction}")
     if simplejpeg is not None and data[:2] == b"\xff\xd8":
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            scale = draft_scale(width, height, min_size)
+            scale = reduction or draft_scale(width, height, min_size)
             pixels = simplejpeg.decode_jpeg(
                 data,
                 colorspace="RGB",
@@ -74,7 +103,7 @@ def decode_pixels(data: bytes, min_size: int | None = None) -> Tensor:
                 raise CorruptSample(f"cannot decode image ({len(data)} bytes): {exc}") from exc
         else:
             return torch.from_numpy(pixels).permute(2, 0, 1)
-    img = decode_image(data, min_size)
+    img = decode_image(data, min_size, reduction=reduction)
     with warnings.catch_warnings():  # read-only buffer: nothing ever writes into it
         warnings.simplefilter("ignore")
         return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
@@ -95,12 +124,17 @@ def jpeg_or_pixels(data: bytes) -> Tensor:
     return decode_pixels(data)
 
 
-def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image, DCT-downscaled for JPEGs when allowed."""
+def decode_image(
+    data: bytes, min_size: int | None = None, *, reduction: int | None = None
+) -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image, DCT-downscaled for JPEGs when allowed
+    (``min_size``: the draft rule above; ``reduction``: exactly 1/2, 1/4 or 1/8)."""
     img: Image.Image
     try:
         img = Image.open(io.BytesIO(data))
-        if min_size is not None and img.format == "JPEG":
+        if img.format == "JPEG" and reduction is not None and reduction > 1:
+            img.draft("RGB", (-(-img.width // reduction), -(-img.height // reduction)))
+        elif min_size is not None and img.format == "JPEG":
             img.draft("RGB", draft_request(img.width, img.height, min_size))
         img.load()
     except (

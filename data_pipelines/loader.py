@@ -25,10 +25,11 @@ non-JPEG sample its CPU-decoded (3, H, W) pixels) and ``seed`` ((B,) int64, each
 augmentation seed); ``device_augment.DeviceViews`` turns it into ``views`` on the GPU with the
 same per-sample draws as the CPU path.
 
-Transforms that declare ``takes_pixels`` (the presets of transforms.py) get the uint8
-(3, H, W) tensor of ``decode.decode_pixels`` (libjpeg-turbo) and write their views straight
-into the rows of the batch (``out=``, sized by their ``view_sizes``); others get a PIL image
-and return their views, which are stacked.
+Transforms that declare ``takes_bytes`` (the presets of transforms.py) get the encoded image
+(``from_bytes``: libjpeg-turbo decode at the DCT scale that covers the drawn crops) and write
+their views straight into the rows of the batch (``out=``, sized by their ``view_sizes``, of
+their ``view_dtype``); others get a PIL image (``decode_min_size`` draft rule) and return
+their views, which are stacked.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.decode import CorruptSample, decode_image, decode_pixels, jpeg_or_pixels
+from data_pipelines.decode import CorruptSample, decode_image, jpeg_or_pixels
 from data_pipelines.shard_index import ShardIndex, expand_shards, read_index
 from data_pipelines.slots import (
     Segment,
@@ -151,7 +152,7 @@ class ShardStream(IterableDataset):
         self.decode_min_size = decode_min_size
         self.shuffle_buffer = shuffle_buffer
         self.decode_on_device = decode_on_device
-        self._takes_pixels = bool(getattr(transform, "takes_pixels", False))
+        self._takes_bytes = bool(getattr(transform, "takes_bytes", False))
         self._views_out: list[Tensor] | None = None  # the batch being filled, see _batch_views
         self.epoch = 0
         self.start_batch = 0
@@ -253,10 +254,9 @@ class ShardStream(IterableDataset):
     def _augment(self, image: bytes, aug_seed: int, row: int) -> list[Tensor]:
         if self.decode_on_device:
             return [jpeg_or_pixels(image)]
-        img: Any  # a uint8 (3, H, W) tensor for transforms that take pixels, else a PIL image
-        kwargs = {}
-        if self._takes_pixels:
-            img = decode_pixels(image, self.decode_min_size)
+        kwargs: dict[str, Any] = {}
+        img: Image.Image | None = None  # for transforms that cannot decode (PIL images)
+        if self._takes_bytes:  # the presets decode at the scale their drawn crops need
             kwargs["out"] = self._batch_views(row)
         else:
             img = decode_image(image, self.decode_min_size)
@@ -265,6 +265,8 @@ class ShardStream(IterableDataset):
         generator.manual_seed(aug_seed)
         random.seed(aug_seed)
         try:
+            if img is None:
+                return self.transform.from_bytes(image, **kwargs)  # type: ignore[attr-defined]
             return self.transform(img, **kwargs)
         finally:  # never disturb the caller's RNG (num_workers=0 runs in the trainer)
             generator.set_state(torch_state)
@@ -275,9 +277,10 @@ class ShardStream(IterableDataset):
         (in a DataLoader worker they live in shared memory: no stacking, no copy on send)."""
         if row == 0 or self._views_out is None:
             sizes = self.transform.view_sizes  # type: ignore[attr-defined]
+            dtype = getattr(self.transform, "view_dtype", torch.float32)
             in_worker = get_worker_info() is not None
             self._views_out = [
-                _empty((self.micro_batch, 3, size, size), shared=in_worker) for size in sizes
+                _empty((self.micro_batch, 3, size, size), dtype, in_worker) for size in sizes
             ]
         return [v[row] for v in self._views_out]
 

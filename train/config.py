@@ -86,6 +86,11 @@ class DataConfig:
     """Size of the local crops in pixels."""
     decode_on_device: bool = False
     """Decode (nvJPEG) and augment on the GPU; the CPU workers only read and batch bytes."""
+    uint8_views: bool = True
+    """Views leave the workers as 8-bit channels-last images and are normalised on the device
+    (bit-identical for geometry-only views; colour-augmented ones rounded to 8 bits as in
+    PIL pipelines): a quarter of the shared-memory and host-to-device bytes, and no float
+    conversion in the workers."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:

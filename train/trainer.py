@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipelines.transforms import model_input
 from models.methods.base import Method, StepContext
 from models.registry import create_method
 from models.vit import token_parameters
@@ -110,13 +111,14 @@ def _to_device(
     channels_last: bool,
     device_views: Any = None,
 ) -> dict[str, Any]:
-    """Views to the device in the training dtype; with ``device_views`` the batch holds
+    """Views to the device in the training dtype (uint8 views normalised there); with
+    ``device_views`` the batch holds
     encoded JPEG bytes that are decoded and augmented there (data.decode_on_device)."""
     out = dict(batch)
     views = device_views(batch) if "jpeg" in batch else batch["views"]
     out.pop("jpeg", None)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out["views"] = [v.to(device, dtype=dtype, non_blocking=True, memory_format=fmt) for v in views]
+    out["views"] = [model_input(v, device, dtype, fmt) for v in views]  # uint8: normalised here
     if "label" in batch:
         out["label"] = batch["label"].to(device)
     return out
@@ -174,6 +176,7 @@ def run(cfg: RunConfig) -> int:
         cfg.model.img_size,
         local_crops=cfg.data.local_crops,
         local_crop_size=cfg.data.local_crop_size,
+        uint8=cfg.data.uint8_views,
     )
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     method: Method = create_method(cfg.method, cfg.model)

@@ -93,6 +93,22 @@ def test_same_images_for_any_num_workers_and_across_runs(id_shards: list[Path]) 
     assert not torch.equal(va[0][0], va[0][1])  # two different views of one image
 
 
+def test_uint8_batches_normalised_on_the_device_equal_the_float_batches(
+    id_shards: list[Path],
+) -> None:
+    """What the trainer does with data.uint8_views: uint8 (B, 3, H, W) batches from the
+    workers, normalised by model_input, equal the float batches (geometry-only preset)."""
+    from data_pipelines.transforms import model_input
+
+    _, f32 = load(id_shards, transform=build_transform("mae", 16), num_workers=2)
+    _, u8 = load(id_shards, transform=build_transform("mae", 16, uint8=True), num_workers=2)
+    assert len(f32) == len(u8) == 18
+    for a, b in zip(f32, u8, strict=True):
+        assert b["views"][0].dtype == torch.uint8 and b["views"][0].shape == (4, 3, 16, 16)
+        assert torch.equal(a["index"], b["index"])
+        assert torch.equal(model_input(b["views"][0], torch.device("cpu")), a["views"][0])
+
+
 @pytest.mark.parametrize("num_workers,start", [(2, 3), (0, 5), (2, 8)])
 def test_resume_gives_the_remaining_batches_bitwise(
     id_shards: list[Path], num_workers: int, start: int

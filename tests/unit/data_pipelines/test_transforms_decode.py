@@ -11,9 +11,10 @@ from data_pipelines.decode import CorruptSample, decode_image
 from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, PRESETS, build_transform
 
 
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+def photo(width: int, height: int, seed: int = 0, block: int = 8) -> Image.Image:
+    """Random colours on a ``block``-pixel grid, bilinearly interpolated."""
     rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, size=(height // block + 1, width // block + 1, 3), dtype=np.uint8)
     return Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
 
 
@@ -98,3 +99,73 @@ def test_corrupt_bytes_raise_corrupt_sample() -> None:
         decode_image(b"definitely not an image")
     with pytest.raises(CorruptSample):
         decode_image(data[: len(data) // 2])
+
+
+def test_covering_reduction_keeps_every_crop_at_least_its_output_size() -> None:
+    from data_pipelines.decode import covering_reduction
+
+    # (crop h, crop w, output): the largest r in 8, 4, 2, 1 with h // r and w // r >= output
+    assert covering_reduction([(900, 1000, 224)]) == 4  # 900 // 4 = 225; 900 // 8 = 112
+    assert covering_reduction([(900, 1000, 224), (500, 460, 224)]) == 2
+    assert covering_reduction([(447, 900, 224)]) == 1  # 447 // 2 = 223 < 224
+    assert covering_reduction([(2000, 2000, 96)]) == 8
+    assert covering_reduction([(100, 80, 224)]) == 1  # smaller than the output: full size
+
+
+@pytest.mark.parametrize("name,size", [("mae", 48), ("simclr", 40), ("dino", 48)])
+def test_from_bytes_equals_the_full_size_decode_up_to_resampling(name: str, size: int) -> None:
+    """Same draws as on the full-size image; decoded at the reduction that covers the crops."""
+    from unittest import mock
+
+    import data_pipelines.transforms as transforms
+    from data_pipelines.decode import decode_pixels
+
+    data = encode(photo(640, 480, seed=4, block=40))  # detail at the scale of the crops
+    kw = {"local_crops": 2, "local_crop_size": 24} if name == "dino" else {}
+    tf = build_transform(name, size, **kw)
+    reductions = []
+    real = transforms.decode_pixels
+
+    def spy(data: bytes, min_size: int | None = None, *, reduction: int | None = None):
+        reductions.append(reduction)
+        return real(data, min_size, reduction=reduction)
+
+    same, unrelated = [], []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        with mock.patch.object(transforms, "decode_pixels", spy):
+            fast = tf.from_bytes(data)
+        torch.manual_seed(seed)
+        full = tf(decode_pixels(data))  # full size, the same draws
+        torch.manual_seed(seed + 100)
+        other = tf(decode_pixels(data))
+        for a, b, c in zip(fast, full, other, strict=True):
+            assert a.shape == b.shape
+            same.append(float((a - b).abs().mean()))
+            unrelated.append(float((c - b).abs().mean()))
+    # the same crops, resampled from a DCT-reduced image (libjpeg's scaled IDCT is a coarser
+    # low-pass filter than an antialiased bicubic): ~4 grey levels (0.07 normalised) apart
+    # on average (colour ops amplify it a little); unrelated crops of the image: ~0.9
+    mean_same, mean_unrelated = sum(same) / len(same), sum(unrelated) / len(unrelated)
+    assert mean_same < 0.1 and mean_same < mean_unrelated / 8
+    assert any(r is not None and r > 1 for r in reductions)  # the fast path did reduce
+
+
+def test_uint8_views_normalised_by_model_input_equal_the_float_views() -> None:
+    from data_pipelines.transforms import model_input
+
+    data = encode(photo(120, 90, seed=2))
+    for name in ("mae", "eval", "simclr"):
+        f32, u8 = build_transform(name, 32), build_transform(name, 32, uint8=True)
+        torch.manual_seed(0)
+        ref = f32.from_bytes(data)
+        torch.manual_seed(0)
+        views = u8.from_bytes(data)
+        for r, v in zip(ref, views, strict=True):
+            assert v.dtype == torch.uint8 and r.dtype == torch.float32
+            x = model_input(v.unsqueeze(0), torch.device("cpu"), torch.float32)[0]
+            # geometry only: bit-identical; colour ops: rounded to 8 bits (half a level)
+            tol = 0.0 if name != "simclr" else 0.5 / 255 / min(IMAGENET_STD) + 1e-6
+            assert float((x - r).abs().max()) <= tol
+        bf16 = model_input(views[0].unsqueeze(0), torch.device("cpu"), torch.bfloat16)
+        assert bf16.dtype == torch.bfloat16 and bf16.shape == (1, 3, 32, 32)
