@@ -279,9 +279,15 @@ class ShardStream(IterableDataset):
             sizes = self.transform.view_sizes  # type: ignore[attr-defined]
             dtype = getattr(self.transform, "view_dtype", torch.float32)
             in_worker = get_worker_info() is not None
-            self._views_out = [
-                _empty((self.micro_batch, 3, size, size), dtype, in_worker) for size in sizes
-            ]
+            if dtype == torch.uint8:  # channels-last: the presets' uint8 views are
+                self._views_out = [  # (see transforms.resized_crop), so rows are plain copies
+                    _empty((self.micro_batch, size, size, 3), dtype, in_worker).permute(0, 3, 1, 2)
+                    for size in sizes
+                ]
+            else:
+                self._views_out = [
+                    _empty((self.micro_batch, 3, size, size), dtype, in_worker) for size in sizes
+                ]
         return [v[row] for v in self._views_out]
 
     def _batches(

@@ -169,3 +169,25 @@ def test_uint8_views_normalised_by_model_input_equal_the_float_views() -> None:
             assert float((x - r).abs().max()) <= tol
         bf16 = model_input(views[0].unsqueeze(0), torch.device("cpu"), torch.bfloat16)
         assert bf16.dtype == torch.bfloat16 and bf16.shape == (1, 3, 32, 32)
+
+
+def test_resized_crop_is_torchvisions_bit_for_bit_in_channels_last() -> None:
+    import torchvision.transforms.v2.functional as F
+
+    from data_pipelines.transforms import BICUBIC, resized_crop
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        h_img, w_img = 40 + 7 * trial, 90 - 2 * trial
+        hwc = torch.randint(0, 256, (h_img, w_img, 3), dtype=torch.uint8, generator=gen)
+        pixels = hwc.permute(2, 0, 1)  # the decoder's layout
+        h = int(torch.randint(1, h_img + 1, (1,), generator=gen))
+        w = int(torch.randint(1, w_img + 1, (1,), generator=gen))
+        top = int(torch.randint(0, h_img - h + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w_img - w + 1, (1,), generator=gen))
+        size = (16, 32, h)[trial % 3] if h == w else (16, 32)[trial % 2]
+        ours = resized_crop(pixels, top, left, h, w, size)
+        ref = F.resized_crop(pixels, top, left, h, w, [size, size], BICUBIC, antialias=True)
+        assert torch.equal(ours, ref)
+        if (h, w) != (size, size):
+            assert ours.stride() == (1, 3 * size, 3)  # channels-last
