@@ -19,7 +19,7 @@ from train.edge import artefact, quantize_ort, sensitivity
 from train.edge.config import ExportConfig
 from train.edge.data import ImageSet, load_images
 from train.edge.onnx_export import export_onnx, export_torchscript, load_inference_model
-from train.edge.quantize_ort import QuantSettings, quantize_int8
+from train.edge.quantize_ort import QuantSettings, float_nodes, quantize_int8
 from train.edge.verify import report_markdown, verify
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def run_export(
         "exporter_note": exported.note,
         "opset": cfg.opset,
         "fp32_onnx_max_abs_diff": exported.max_abs_diff,
-        "quantization": {**settings.__dict__},
+        "quantization": {**settings.__dict__, "kept_in_float": float_nodes(int8)},
         "calibration_data": d.calibration or d.train,
         "eval_data": d.val,
         "config": cfg.to_dict(),
@@ -230,7 +230,7 @@ def _markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
         f"(symmetric {q['symmetric_activations']}), per-channel weights {q['per_channel']}, "
         f"reduced range {q.get('reduce_range', False)}, "
         f"calibration {q['calibration']} on {q['calibration_images']} images; "
-        f"kept in float: {', '.join(q['exclude']) or 'none'}.",
+        f"kept in float: {', '.join(q['kept_in_float']) or 'none'}.",
         "",
         report_markdown(report),
     ]

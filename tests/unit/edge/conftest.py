@@ -40,7 +40,7 @@ class ToyCNN(nn.Module):
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("edge_data")
-    write_default_dataset(root, train_per_class=60, val_per_class=30, shard_size=600)
+    write_default_dataset(root, train_per_class=300, val_per_class=100, shard_size=3000)
     return {
         "train": str(root / "train" / "train-000000.tar"),
         "val": str(root / "val" / "val-000000.tar"),
@@ -50,7 +50,8 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def toy_model(toy_data: dict[str, str]) -> ToyCNN:
-    """Trained for a few hundred steps (a few seconds): well above chance."""
+    """Trained for 800 one-cycle steps (a few seconds): ~65 % on the held-out shapes (chance
+    10 %), with margins wide enough that INT8 rounding flips few predictions."""
     from train.edge.data import load_images
 
     train = load_images(toy_data["train"], 32)
@@ -58,14 +59,17 @@ def toy_model(toy_data: dict[str, str]) -> ToyCNN:
     torch.manual_seed(0)
     model = ToyCNN()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    steps = 800
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=steps)
     x, y = torch.from_numpy(train.images), torch.from_numpy(train.labels)
     g = torch.Generator().manual_seed(0)
-    for _ in range(400):
+    for _ in range(steps):
         idx = torch.randint(len(x), (32,), generator=g)
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
     return model.eval()
 
 
