@@ -33,6 +33,8 @@ class QATConfig(MethodConfig):
 class QATMethod(Method):
     """``loss = 1 - cos(fake_quant_student(x), fp32_teacher(x))`` on the first view.
 
+    ``teacher`` (an attribute, see __init__) is typed loosely: timm's models are untyped.
+
     The backbone keeps timm's parameter names (class swap), so the trainer's
     ``encoder.safetensors`` export loads into the plain float architecture.
     """
@@ -45,18 +47,23 @@ class QATMethod(Method):
         if not cfg.init:
             raise ConfigError("method.init is required: the encoder to fine-tune")
         enc = load_encoder(cfg.init, img_size=model_cfg.img_size, patch_size=model_cfg.patch_size)
-        self.teacher = enc.model.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         self.backbone = prepare(copy.deepcopy(enc.model))
+        # The FP32 teacher is a plain attribute, not a submodule (as in models.methods.distil):
+        # outside parameters(), state_dict(), DeepSpeed's dtype cast and ZeRO-3 partitioning.
+        teacher = enc.model.eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)
         for p in self.backbone.parameters():
             p.requires_grad_(True)
         self.pool = cfg.pool
         self._embed = embed
 
+    def teacher_to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
+        """Move the teacher to ``device``; it stays float32 and runs under autocast when the
+        inputs are bf16/fp16."""
+        self.teacher.to(device)
+
     def train(self, mode: bool = True) -> QATMethod:
         super().train(mode)
-        self.teacher.eval()
         for m in self.backbone.modules():
             if isinstance(m, (nn.BatchNorm2d, nn.Dropout)):
                 m.eval()
@@ -64,8 +71,9 @@ class QATMethod(Method):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x = batch["views"][0]
-        with torch.no_grad():
-            t = self._embed(self.teacher, x, self.pool)  # (B, D)
+        low = x.dtype in (torch.bfloat16, torch.float16)
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=x.dtype, enabled=low):
+            t = self._embed(self.teacher, x, self.pool).float()  # (B, D)
         s = self._embed(self.backbone, x, self.pool)  # (B, D)
         loss = distill_loss(s, t, "embedding")
         return {"loss": loss, "cosine": 1.0 - loss.detach()}

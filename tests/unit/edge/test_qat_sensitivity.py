@@ -56,3 +56,37 @@ def test_sensitivity_scan_ranks_nodes(toy_data, toy_model, tmp_path):
         assert 0 <= r["alone_cost"] < 0.5 and 0 <= r["alone"]["agreement"] <= 100
     js, md = write_report(res, tmp_path)
     assert js.is_file() and "| 1 |" in md.read_text()
+
+
+def test_qat_method_trains_a_fake_quant_copy_against_a_frozen_outside_teacher():
+    """models.methods.qat: the FP32 teacher is not a submodule (no optimizer, no ZeRO-3
+    partitioning, not in checkpoints) and stays bit-identical; the loss is 1 - cos."""
+    import torch.nn.functional as F
+
+    from models.backbones import embed
+    from models.fake_quant import FakeQuantConv2d
+    from models.methods.qat import QATConfig, QATMethod
+    from train.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="vit_tiny_patch16_224", img_size=16, patch_size=4)
+    method = QATMethod(QATConfig(init="random:vit_tiny_patch16_224"), cfg).train()
+    names = [n for n, _ in method.named_parameters()]
+    assert names and all(n.startswith("backbone.") for n in names)
+    assert not any(k.startswith("teacher") for k in method.state_dict())
+    assert any(isinstance(m, FakeQuantConv2d) for m in method.backbone.modules())
+    before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    x = torch.randn(4, 3, 16, 16)
+    out = method({"views": [x]})
+    with torch.no_grad():  # independent: 1 - mean cosine of the two encoders' class tokens
+        ref = 1 - F.cosine_similarity(embed(method.backbone, x), embed(method.teacher, x)).mean()
+    assert torch.allclose(out["loss"], ref, atol=1e-6)
+    opt = torch.optim.SGD(method.parameters(), lr=0.5)
+    out["loss"].backward()
+    opt.step()
+    after = method.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    method.to(torch.bfloat16)  # what DeepSpeed's bf16 does: the teacher is not cast
+    assert all(t.dtype == torch.float32 for t in method.teacher.state_dict().values())
+    low = method({"views": [x.bfloat16()]})["loss"]  # bf16 inputs: the teacher autocasts
+    assert torch.isfinite(low)
