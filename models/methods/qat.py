@@ -33,11 +33,11 @@ class QATConfig(MethodConfig):
 class QATMethod(Method):
     """``loss = 1 - cos(fake_quant_student(x), fp32_teacher(x))`` on the first view.
 
-    ``teacher`` (an attribute, see __init__) is typed loosely: timm's models are untyped.
-
     The backbone keeps timm's parameter names (class swap), so the trainer's
     ``encoder.safetensors`` export loads into the plain float architecture.
     """
+
+    teacher: nn.Module  # a plain attribute, see __init__
 
     def __init__(self, cfg: QATConfig, model_cfg: Any):
         super().__init__()
