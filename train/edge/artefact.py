@@ -66,7 +66,7 @@ def model_card(report: dict[str, Any], meta: dict[str, Any]) -> str:
             f"- Calibration: {q.get('calibration', '?')} on {q.get('calibration_images', '?')} "
             f"images of `{meta.get('calibration_data', '?')}`.",
             f"- Layers kept in float: {', '.join(q.get('kept_in_float', [])) or 'none'}"
-            f" (the layer before each output: {q.get('float_outputs', False)}).",
+            f" (float outputs: {q.get('float_outputs', 'never')}).",
             "",
             "## Measured (report.json)",
             f"- {report['task']}: FP32 {fp32['accuracy']:.2f}%, INT8 {int8['accuracy']:.2f}% "

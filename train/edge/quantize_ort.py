@@ -5,7 +5,7 @@ QDQ (default) or QOperator format, S8S8 (default) or U8S8, calibrated with MinMa
 or Percentile on images through the eval preprocessing. ``quant_pre_process`` (symbolic
 shape inference and graph optimisation) runs first. Layers that quantization hurts can be
 kept in float with ``exclude`` (ORT's ``nodes_to_exclude``; see ``train.edge.sensitivity``),
-and the layer before each output is by default (``float_outputs``).
+and so is a classifier head by default (``float_outputs``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qdq", "qoperator")
 ACTIVATION_TYPES = ("int8", "uint8")
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+FLOAT_OUTPUTS = ("logits", "always", "never")
 
 
 @dataclass
@@ -47,11 +49,12 @@ class QuantSettings:
     (AVX2's vpmaddubsw), as ONNX Runtime advises for such CPUs, at some precision."""
     exclude: list[str] = field(default_factory=list)
     """ONNX node names kept in float."""
-    float_outputs: bool = True
-    """Keep in float the last Conv/MatMul/Gemm before each graph output (the classifier or
-    the embedding projection): 8-bit rounding of the logits flips close argmaxes (the toy
-    CNN of the tests: 2.3-point drop with quantized logits, 0.1 without), for the compute
-    of one small layer."""
+    float_outputs: str = "logits"
+    """Keep the last Conv/MatMul/Gemm before each graph output in float: ``logits`` (for
+    models with a classification head: 8-bit rounding of the logits flips close argmaxes,
+    2.3 points of the toy CNN of the tests, 0.1 with the head in float; the head is small),
+    ``always`` (also an embedding's last layer, which may be large: MobileNetV3's conv_head
+    is 29 % of its weights) or ``never``."""
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_METHODS:
@@ -67,6 +70,10 @@ class QuantSettings:
             )
         if self.calibration_images < 1:
             raise ValueError("quant.calibration_images must be >= 1")
+        if self.float_outputs not in FLOAT_OUTPUTS:
+            raise ValueError(
+                f"quant.float_outputs must be one of {FLOAT_OUTPUTS}, got {self.float_outputs!r}"
+            )
 
 
 def _reader_class() -> type:
@@ -145,19 +152,24 @@ def output_nodes(path: Path) -> list[str]:
 
 
 def float_nodes(int8_path: Path) -> list[str]:
-    """Conv / MatMul / Gemm nodes a quantized model still computes in float: those whose
-    input and weight do not both come from DequantizeLinear nodes (QDQ; an excluded node may
-    still read a dequantized input); QOperator turns the others into QLinear* ops."""
+    """Conv / MatMul / Gemm nodes a quantized model still computes in float. In QDQ a node
+    runs in int8 when its input and weight come from DequantizeLinear nodes and its output
+    goes to a QuantizeLinear (an excluded node may still read a dequantized input).
+    QOperator turns the int8 ones into QLinear* ops."""
     import onnx
 
     graph = onnx.load(str(int8_path), load_external_data=False).graph
     producer = {out: node.op_type for node in graph.node for out in node.output}
-    return [
-        n.name
-        for n in graph.node
-        if n.op_type in QUANTIZABLE_OPS
-        and not all(producer.get(i) == "DequantizeLinear" for i in n.input[:2])
-    ]
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+
+    def int8(n: Any) -> bool:
+        ins = all(producer.get(i) == "DequantizeLinear" for i in n.input[:2])
+        return ins and consumers.get(n.output[0], []) == ["QuantizeLinear"]
+
+    return [n.name for n in graph.node if n.op_type in QUANTIZABLE_OPS and not int8(n)]
 
 
 def quantize_int8(
@@ -169,12 +181,14 @@ def quantize_int8(
     preprocessed: Path | None = None,
     exclude: Sequence[str] | None = None,
     include: Sequence[str] | None = None,
+    kind: str = "embedding",
 ) -> Path:
     """Static INT8 quantization of ``fp32_path`` into ``out_path``.
 
     ``preprocessed``: an already pre-processed model (skips ``quant_pre_process``; the
     sensitivity scan quantizes one model many times). ``exclude`` / ``include`` override
-    ``settings.exclude`` and restrict quantization to some nodes.
+    ``settings.exclude`` and restrict quantization to some nodes. ``kind``: what the model
+    outputs (``logits`` or ``embedding``), for ``settings.float_outputs``.
     """
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -194,7 +208,7 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="ortq_") as tmp:
         src = preprocessed or preprocess(Path(fp32_path), Path(tmp) / "pre.onnx")
         excluded = set(s.exclude if exclude is None else exclude)
-        if s.float_outputs:
+        if s.float_outputs == "always" or (s.float_outputs == "logits" and kind == "logits"):
             excluded |= set(output_nodes(src))
         quantize_static(
             str(src),

@@ -31,7 +31,7 @@ def _say(msg: str) -> None:
     print(f"[export] {msg}", flush=True)
 
 
-def _variants(cfg: ExportConfig, fp32: Path, calib: Any, out: Path) -> dict[str, Path]:
+def _variants(cfg: ExportConfig, fp32: Path, calib: Any, out: Path, kind: str) -> dict[str, Path]:
     """QOperator and U8S8 twins of the main INT8 model, for the format comparison."""
     made = {}
     for fmt in quantize_ort.FORMATS:
@@ -40,7 +40,8 @@ def _variants(cfg: ExportConfig, fp32: Path, calib: Any, out: Path) -> dict[str,
                 continue
             s = QuantSettings(**{**cfg.quant.__dict__, "format": fmt, "activation_type": act})
             name = f"int8_{fmt}_{'s8s8' if act == 'int8' else 'u8s8'}"
-            made[name] = quantize_int8(fp32, out / "variants" / f"{name}.onnx", calib.images, s)
+            path = out / "variants" / f"{name}.onnx"
+            made[name] = quantize_int8(fp32, path, calib.images, s, kind=kind)
     return made
 
 
@@ -97,8 +98,8 @@ def run_export(
         worst = sensitivity.top_nodes(sens, cfg.sensitivity.exclude_top)
         settings.exclude = sorted(set(settings.exclude) | set(worst))
         _say(f"sensitivity: {sens['num_nodes']} nodes scanned; kept in float: {worst}")
-    int8 = quantize_int8(fp32, out / "model.int8.onnx", calib.images, settings)
-    variants = _variants(cfg, fp32, calib, out) if cfg.compare_formats else {}
+    int8 = quantize_int8(fp32, out / "model.int8.onnx", calib.images, settings, kind=kind)
+    variants = _variants(cfg, fp32, calib, out, kind) if cfg.compare_formats else {}
     report = verify(fp32, int8, kind, img_size, val, train, cfg.verify, extra_models=variants)
     _say(f"INT8 drop {report['drop']:.2f} points (accepted {cfg.verify.max_drop})")
 
@@ -170,7 +171,7 @@ def _recover_with_qat(cfg, model, img_size, kind, calib, val, train, settings, o
         exporter="torchscript",
         opset=cfg.opset,
     ).path
-    int8 = quantize_int8(qat_fp32, out / "model.int8.onnx", calib.images, settings)
+    int8 = quantize_int8(qat_fp32, out / "model.int8.onnx", calib.images, settings, kind=kind)
     report = verify(fp32, int8, kind, img_size, val, train, cfg.verify)
     info = {
         "steps": cfg.qat.steps,

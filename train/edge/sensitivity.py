@@ -58,7 +58,9 @@ def scan(
             nodes = nodes[:max_nodes]
 
         def measure(name: str, **kw: Any) -> dict[str, float]:
-            path = quantize_int8(fp32, Path(tmp) / f"{name}.onnx", calib, s, preprocessed=pre, **kw)
+            path = quantize_int8(
+                fp32, Path(tmp) / f"{name}.onnx", calib, s, preprocessed=pre, kind=kind, **kw
+            )
             return _score(ref, run_onnx(ort_session(path, threads=0), images), kind)
 
         full = measure("full")
