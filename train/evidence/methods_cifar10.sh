@@ -3,10 +3,12 @@
 # CIFAR-10 train split for the same short budget (STEPS x 64 images, fp32, one process),
 # then the evaluation suite's k-NN compares it with a randomly initialised encoder of the
 # same architecture on the held-out split. Short-budget settings: peak lr 5e-4 (base 2e-3
-# per 256), 30 warm-up steps, EMA momentum 0.95 -> 1 (the papers' 0.99-0.996 assume
-# hundreds of epochs), no MoCo queue; DINO with 2 local crops, 1,024 prototypes and a
-# sharper teacher (0.02: at 0.04 the near-identical outputs of a fresh ViT give a uniform
-# teacher and no signal), evaluated on its teacher; MAE at patch 4 without norm_pix_loss
+# per 256; DINO and SimSiam keep their recipes' base lr, 5e-4 and 1e-3: at 2e-3 DINO's
+# teacher entropy swung between one-hot and uniform and SimSiam collapsed, RankMe 1.8),
+# 30 warm-up steps, EMA momentum 0.95 -> 1 (the papers' 0.99-0.996 assume hundreds of
+# epochs), no MoCo queue; DINO with 2 local crops, 1,024 prototypes and a sharper teacher
+# (0.02: at 0.04 the near-identical outputs of a fresh ViT give a uniform teacher and no
+# signal), evaluated on its teacher; MAE at patch 4 without norm_pix_loss
 # (pixel targets keep colour, which k-NN on CIFAR uses), evaluated on mean-pooled tokens.
 # Usage (repository root): train/evidence/methods_cifar10.sh   [STEPS=300 METHODS="simclr byol"]
 set -u
@@ -26,8 +28,8 @@ for m in ${METHODS:-simclr mocov3 byol simsiam dino mae}; do
     simclr) R=simclr_vit_tiny_cifar; X="";;
     mocov3) R=mocov3_vit_tiny_cifar; X="method.queue_size=0 method.momentum=0.95";;
     byol) R=byol_vit_tiny_cifar; X="method.momentum=0.95";;
-    simsiam) R=simsiam_resnet18_cifar; X="";;
-    dino) R=dino_vit_tiny_cifar; X="method.momentum=0.95 data.local_crops=2 method.freeze_last_layer=0.01
+    simsiam) R=simsiam_resnet18_cifar; X="optim.base_lr=1e-3";;
+    dino) R=dino_vit_tiny_cifar; X="optim.base_lr=5e-4 method.momentum=0.95 data.local_crops=2 method.freeze_last_layer=0.01
           method.out_dim=1024 method.teacher_temp=0.02 method.warmup_teacher_temp=0.02";;
     mae) R=mae_vit_tiny_cifar; X="model.patch_size=4 optim.base_lr=1.5e-3 method.norm_pix_loss=false"; POOL=avg;;
     *) echo "unknown method $m" >&2; exit 2;;
