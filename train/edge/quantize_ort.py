@@ -75,6 +75,11 @@ class QuantSettings:
                 f"quant.float_outputs must be one of {FLOAT_OUTPUTS}, got {self.float_outputs!r}"
             )
 
+    def outputs_in_float(self, kind: str) -> bool:
+        """Whether the layers before the outputs of a ``kind`` model (``logits`` or
+        ``embedding``) stay in float."""
+        return self.float_outputs == "always" or (self.float_outputs == kind == "logits")
+
 
 def _reader_class() -> type:
     from onnxruntime.quantization import CalibrationDataReader
@@ -208,7 +213,7 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="ortq_") as tmp:
         src = preprocessed or preprocess(Path(fp32_path), Path(tmp) / "pre.onnx")
         excluded = set(s.exclude if exclude is None else exclude)
-        if s.float_outputs == "always" or (s.float_outputs == "logits" and kind == "logits"):
+        if s.outputs_in_float(kind):
             excluded |= set(output_nodes(src))
         quantize_static(
             str(src),
