@@ -9,9 +9,10 @@ gradient averaging optimises) is the loss of the global batch.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from models.distributed import gather_no_grad, gather_with_grad, rank
+from models.distributed import gather_no_grad, gather_with_grad, rank, world_size
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -92,3 +93,38 @@ def dino_loss(
     if pairs == 0:
         raise ValueError("DINO needs at least two crops")
     return total / pairs
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
+    """Teacher targets balanced over the prototypes (SwAV; DINOv2's teacher centering).
+
+    ``logits``: ``(B, K)`` on this rank. Returns ``(B, K)`` rows that sum to 1, found by
+    ``iterations`` alternate normalisations of ``Q = exp(logits / temperature)`` so that over
+    the global batch (all ranks) every prototype receives the same mass ``1 / K`` and every
+    sample ``1 / B_global``. Unlike an EMA center, it cannot collapse to one prototype nor
+    flatten to uniform, even at the first step, where a fresh network's outputs barely differ.
+    """
+    if iterations < 1:
+        raise ValueError(f"Sinkhorn-Knopp needs at least one iteration, got {iterations}")
+    x = logits.float() / temperature
+    peak = x.max()
+    if world_size() > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    q = torch.exp(x - peak).t()  # (K, B); the global max cancels in the normalisations
+    k, b = q.shape[0], q.shape[1] * world_size()
+
+    tiny = torch.finfo(torch.float32).tiny  # a prototype whose mass underflowed stays 0
+
+    def global_sum(t: torch.Tensor) -> torch.Tensor:
+        if world_size() > 1:
+            dist.all_reduce(t)
+        return t.clamp_min(tiny)
+
+    q /= global_sum(q.sum())
+    for _ in range(iterations):
+        q /= global_sum(q.sum(dim=1, keepdim=True))  # each prototype: mass 1 / K
+        q /= k
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)  # each sample (a local column): 1 / B
+        q /= b
+    return (q * b).t()  # (B, K), rows sum to 1

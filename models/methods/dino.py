@@ -5,7 +5,10 @@
   the two global crops only.
 * Teacher outputs are centred (``center``: EMA with ``center_momentum`` of the batch mean
   over all ranks) and sharpened (temperature warmed up linearly from
-  ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs``).
+  ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs``); or,
+  with ``centering = "sinkhorn_knopp"`` (DINOv2), balanced over the prototypes across the
+  global batch by :func:`models.losses.sinkhorn_knopp` at that temperature. The EMA center
+  is still tracked (and logged through the entropy) either way.
 * Loss: cross-entropy between each global crop's teacher distribution and the student's
   distribution of every other crop, averaged over those pairs.
 * The head's last layer gets no gradient during the first ``freeze_last_layer`` epochs
@@ -30,7 +33,7 @@ from models.backbones import create_backbone, embed, embed_dim, is_vit
 from models.distributed import all_reduce_mean_
 from models.ema import EMATeacher, cosine_momentum
 from models.heads import DINOHead, maybe_sync_batchnorm
-from models.losses import dino_loss
+from models.losses import dino_loss, sinkhorn_knopp
 from models.methods.base import Batch, Method, StepContext
 from models.registry import register_method
 from train.config import ConfigError, MethodConfig
@@ -66,6 +69,12 @@ class DINOConfig(MethodConfig):
     """Epochs of linear teacher-temperature warm-up (30 in the ViT-S recipes)."""
     center_momentum: float = 0.9
     """EMA rate of the center of the teacher outputs."""
+    centering: str = "center"
+    """``"center"`` (DINO: subtract an EMA of the batch mean) or ``"sinkhorn_knopp"``
+    (DINOv2: targets balanced over the prototypes; stable from the first step, which short
+    runs and small batches need)."""
+    sinkhorn_iterations: int = 3
+    """Sinkhorn-Knopp normalisation rounds (DINOv2 uses 3)."""
     momentum: float = 0.996
     """Teacher momentum at step 0; it rises to 1 by a cosine."""
     freeze_last_layer: float = 1.0
@@ -83,6 +92,12 @@ class DINOConfig(MethodConfig):
             raise ConfigError(
                 "method.warmup_teacher_temp_epochs and freeze_last_layer must be >= 0"
             )
+        if self.centering not in ("center", "sinkhorn_knopp"):
+            raise ConfigError(
+                f"method.centering must be 'center' or 'sinkhorn_knopp', got {self.centering!r}"
+            )
+        if self.sinkhorn_iterations < 1:
+            raise ConfigError("method.sinkhorn_iterations must be >= 1")
         if not 0.0 <= self.center_momentum <= 1.0 or not 0.0 <= self.momentum <= 1.0:
             raise ConfigError("method.center_momentum and momentum must be in [0, 1]")
 
@@ -165,7 +180,7 @@ class DINO(Method):
         teacher = teacher.float()  # (2B, K)
         if self.center.device != teacher.device:
             self.center = self.center.to(teacher.device)
-        probs = F.softmax((teacher - self.center) / self.teacher_temp, dim=-1)  # (2B, K)
+        probs = self._teacher_probs(teacher)  # (2B, K)
         loss = dino_loss(
             list(student.chunk(len(views))), list(probs.chunk(2)), self.cfg.student_temp
         )
@@ -177,6 +192,13 @@ class DINO(Method):
             "teacher_entropy": entropy.detach(),
             "embeddings": (feats[0][:b].detach(), feats[0][b:].detach()),
         }
+
+    @torch.no_grad()
+    def _teacher_probs(self, teacher: torch.Tensor) -> torch.Tensor:
+        """Centred and sharpened teacher distribution, ``(2B, K)`` rows summing to 1."""
+        if self.cfg.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher, self.teacher_temp, self.cfg.sinkhorn_iterations)
+        return F.softmax((teacher - self.center) / self.teacher_temp, dim=-1)
 
     @torch.no_grad()
     def _update_center(self, teacher: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
 """Two gloo processes give the losses, gradients and batch-norm outputs of one process that
-runs the concatenated batch (gather with gradient, global batch norm, centre all-reduce)."""
+runs the concatenated batch (gather with gradient, global batch norm, centre all-reduce,
+Sinkhorn-Knopp targets)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from models.distributed import all_reduce_mean_, gather_with_grad
 from models.heads import SyncBatchNorm, maybe_sync_batchnorm
-from models.losses import info_nce_loss, nt_xent_loss
+from models.losses import info_nce_loss, nt_xent_loss, sinkhorn_knopp
 
 WORLD, B, D_IN, D = 2, 3, 5, 4
 
@@ -27,6 +28,7 @@ def _data() -> dict[str, torch.Tensor]:
         "w": torch.randn(D, D_IN, generator=g),
         "bn_x": torch.randn(WORLD * B, D, 2, generator=g),
         "bn_out_w": torch.randn(WORLD * B, D, 2, generator=g),
+        "sk_logits": torch.randn(WORLD * B, 7, generator=g),
     }
 
 
@@ -74,6 +76,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     result.update(_bn(data["bn_x"][rows], data["bn_out_w"][rows], bn))
     result["gathered"] = gather_with_grad(torch.full((2,), float(rank)))
     result["mean"] = all_reduce_mean_(torch.tensor([float(rank)]))
+    result["sk"] = sinkhorn_knopp(data["sk_logits"][rows], 0.5, iterations=3)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -98,6 +101,9 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path: Pat
         xgrad = torch.cat([r[f"{name}_xgrad"] for r in ranks]) / WORLD
         torch.testing.assert_close(xgrad, ref[f"{name}_xgrad"])
 
+    # Each rank's targets are its rows of the global batch's balanced assignment.
+    sk_ref = sinkhorn_knopp(data["sk_logits"], 0.5, iterations=3)
+    torch.testing.assert_close(torch.cat([r["sk"] for r in ranks]), sk_ref)
     torch.testing.assert_close(torch.cat([r["bn_y"] for r in ranks]), ref["bn_y"])
     torch.testing.assert_close(torch.cat([r["bn_xgrad"] for r in ranks]), ref["bn_xgrad"])
     torch.testing.assert_close(sum(r["bn_wgrad"] for r in ranks), ref["bn_wgrad"])

@@ -14,6 +14,7 @@ from models.losses import (
     negative_cosine_loss,
     normalized_mse_loss,
     nt_xent_loss,
+    sinkhorn_knopp,
 )
 
 
@@ -99,3 +100,43 @@ def test_dino_loss_matches_explicit_cross_entropy_over_pairs() -> None:
     expected = float(sum(terms) / len(terms))
     assert len(terms) == 2 * crops - 2
     assert dino_loss(student, teacher, tau_s).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _sinkhorn_reference(logits: torch.Tensor, temperature: float, iterations: int) -> torch.Tensor:
+    """Sinkhorn-Knopp spelt out in float64 with explicit loops over prototypes and samples."""
+    q = [[math.exp(v / temperature) for v in row] for row in logits.double().tolist()]  # B x K
+    b, k = len(q), len(q[0])
+    total = sum(map(sum, q))
+    q = [[v / total for v in row] for row in q]
+    for _ in range(iterations):
+        for j in range(k):  # each prototype gets mass 1 / K
+            col = sum(q[i][j] for i in range(b))
+            for i in range(b):
+                q[i][j] /= col * k
+        for i in range(b):  # each sample gets mass 1 / B
+            row = sum(q[i])
+            q[i] = [v / (row * b) for v in q[i]]
+    return torch.tensor(q, dtype=torch.float64) * b
+
+
+def test_sinkhorn_knopp_matches_explicit_normalisation_and_balances_prototypes() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 4, generator=g)
+    got = sinkhorn_knopp(logits, 0.3, iterations=3)
+    ref = _sinkhorn_reference(logits, 0.3, 3)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), torch.ones(6))  # rows: distributions
+    # After many rounds every prototype holds B / K of the batch's mass, whatever the logits,
+    # even when every sample prefers prototype 0 (which a softmax would give to all of them).
+    skewed = torch.randn(6, 4, generator=g) * 0.1
+    skewed[:, 0] += 5.0
+    balanced = sinkhorn_knopp(skewed, 0.1, iterations=200)
+    torch.testing.assert_close(balanced.sum(0), torch.full((4,), 6 / 4), rtol=1e-4, atol=1e-4)
+    assert torch.softmax(skewed / 0.1, dim=1)[:, 0].min() > 0.99
+
+
+def test_sinkhorn_knopp_survives_logits_whose_exp_overflows() -> None:
+    logits = torch.tensor([[1.0, -1.0, 0.5], [0.9, -0.8, 0.4]])
+    out = sinkhorn_knopp(logits, 0.005, iterations=3)  # exp(200) overflows float32
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.sum(1), torch.ones(2))
