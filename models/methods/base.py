@@ -11,8 +11,9 @@ whatever heads, predictors or teachers it needs. The trainer only ever calls:
 * ``after_step(ctx)``: called once after every optimizer step (EMA teachers, centers).
 * ``no_weight_decay()``: full parameter names that must not get weight decay.
 * ``param_groups(weight_decay)``: optimizer groups; the default puts norms, biases and
-  ``no_weight_decay()`` names in a group without decay. A group's ``lr_scale`` multiplies
-  the scheduled learning rate (layer-wise decay in fine-tuning).
+  ``no_weight_decay()`` names in a group without decay, and splits by
+  ``param_lr_scale(name)``. A group's ``lr_scale`` multiplies the scheduled learning rate
+  (a faster predictor; layer-wise decay in fine-tuning).
 * ``uses_labels``: True when the method trains on labels (fine-tuning); pretraining
   methods never read them.
 * ``visualize(batch)``: an optional image grid ``(3, H, W)`` in [0, 1] for TensorBoard.
@@ -79,23 +80,30 @@ class Method(nn.Module):
                     names.add(f"{prefix}.{n}" if prefix else n)
         return names
 
+    def param_lr_scale(self, name: str) -> float:
+        """Static learning-rate multiplier of the parameter ``name`` (1 unless a method's
+        recipe asks for more, e.g. a faster predictor in BYOL and SimSiam)."""
+        return 1.0
+
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Decay / no-decay groups of the trainable parameters, in a stable order."""
+        """Decay / no-decay groups of the trainable parameters, one pair per distinct
+        ``param_lr_scale``, in a stable order (first appearance)."""
         skip = self.no_weight_decay()
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
+        groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if p.ndim <= 1 or name in skip or name.endswith(".bias"):
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        groups = [
-            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+            decay = not (p.ndim <= 1 or name in skip or name.endswith(".bias"))
+            groups.setdefault((decay, self.param_lr_scale(name)), []).append(p)
+        order = sorted(groups, key=lambda key: (key[1] != 1.0, not key[0]))
+        return [
+            {
+                "params": groups[key],
+                "weight_decay": weight_decay if key[0] else 0.0,
+                "lr_scale": key[1],
+            }
+            for key in order
         ]
-        return [g for g in groups if g["params"]]
 
     def lr_scale(self, group: dict[str, Any], ctx: StepContext) -> float:
         """Multiplier of the scheduled learning rate for one optimizer group at ``ctx.step``.

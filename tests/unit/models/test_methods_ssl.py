@@ -236,6 +236,48 @@ def test_dino_center_and_teacher_temperature() -> None:
     torch.testing.assert_close(out["teacher_entropy"], entropy, rtol=1e-4, atol=1e-5)
 
 
+def test_dino_sinkhorn_centering_gives_balanced_teacher_targets() -> None:
+    from models.backbones import embed
+    from models.losses import dino_loss, sinkhorn_knopp
+    from models.methods.dino import embed_crops
+
+    method = _build("dino", VIT, centering="sinkhorn_knopp", teacher_temp=0.05)
+    method.teacher_temp = 0.05
+    views = _views("dino", 32)
+    with torch.no_grad():
+        t = method.teacher["head"](embed(method.teacher["backbone"], torch.cat(views[:2])))
+        crops = [embed(method.backbone, v) for v in views[:2]]
+        crops += [embed_crops(method.backbone, v) for v in views[2:]]
+        logits = [method.head(c) for c in crops]
+    out = method({"views": views})
+    # The loss is DINO's cross-entropy against the Sinkhorn-Knopp targets of the teacher's
+    # logits, not against a softmax around the EMA center.
+    q = sinkhorn_knopp(t, 0.05, iterations=3)
+    torch.testing.assert_close(out["loss"].detach(), dino_loss(logits, list(q.chunk(2)), 0.1))
+    entropy = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()
+    torch.testing.assert_close(out["teacher_entropy"], entropy, rtol=1e-4, atol=1e-5)
+    softmax = torch.softmax(t / 0.05, dim=-1)  # what the zero initial center would give
+    assert not torch.allclose(q, softmax, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["byol", "simsiam"])
+def test_predictor_gets_its_own_learning_rate_scale(name: str) -> None:
+    method = _build(name, VIT, predictor_lr_scale=10.0)
+    groups = method.param_groups(0.05)
+    predictor = {id(p) for p in method.predictor.parameters()}
+    seen: set[int] = set()
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= predictor or not ids & predictor  # no group mixes the two
+        assert g["lr_scale"] == (10.0 if ids <= predictor else 1.0)
+        assert g["weight_decay"] in (0.0, 0.05)
+        seen |= ids
+    assert seen == {id(p) for p in method.parameters() if p.requires_grad}
+    assert [g["lr_scale"] for g in groups][:2] == [1.0, 1.0]  # the default groups lead
+    plain = _build(name, VIT).param_groups(0.05)
+    assert [g["lr_scale"] for g in plain] == [1.0, 1.0]
+
+
 def test_dino_embeds_local_crops_of_another_size() -> None:
     from models.backbones import embed
 
@@ -260,6 +302,9 @@ def test_wrong_number_of_views_is_a_value_error() -> None:
         (BYOLConfig, {"momentum": 1.5}),
         (SimSiamConfig, {"proj_dim": 0}),
         (DINOConfig, {"teacher_temp": -0.1}),
+        (DINOConfig, {"centering": "mean"}),
+        (BYOLConfig, {"predictor_lr_scale": 0.0}),
+        (SimSiamConfig, {"predictor_lr_scale": -1.0}),
     ],
 )
 def test_invalid_configs_raise(cls: type, bad: dict[str, Any]) -> None:
