@@ -13,7 +13,7 @@ Every rank must hold a tensor of the same shape.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -87,9 +87,14 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_(x: torch.Tensor, op: Literal["sum", "max"] = "sum") -> torch.Tensor:
+    """Replace ``x`` by its ``op`` (``"sum"`` or ``"max"``) over ranks, in place; returns ``x``."""
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x
+
+
+@torch.no_grad()
 def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
     """Replace ``x`` by its mean over ranks, in place; returns ``x``."""
-    if world_size() > 1:
-        dist.all_reduce(x)
-        x.div_(world_size())
-    return x
+    return all_reduce_(x).div_(world_size())

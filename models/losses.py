@@ -9,10 +9,9 @@ gradient averaging optimises) is the loss of the global batch.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from models.distributed import gather_no_grad, gather_with_grad, rank, world_size
+from models.distributed import all_reduce_, gather_no_grad, gather_with_grad, rank, world_size
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -108,22 +107,13 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3
     if iterations < 1:
         raise ValueError(f"Sinkhorn-Knopp needs at least one iteration, got {iterations}")
     x = logits.float() / temperature
-    peak = x.max()
-    if world_size() > 1:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    q = torch.exp(x - peak).t()  # (K, B); the global max cancels in the normalisations
+    # (K, B); the global max keeps exp finite and cancels in the normalisations
+    q = torch.exp(x - all_reduce_(x.max(), op="max")).t()
     k, b = q.shape[0], q.shape[1] * world_size()
-
     tiny = torch.finfo(torch.float32).tiny  # a prototype whose mass underflowed stays 0
-
-    def global_sum(t: torch.Tensor) -> torch.Tensor:
-        if world_size() > 1:
-            dist.all_reduce(t)
-        return t.clamp_min(tiny)
-
-    q /= global_sum(q.sum())
+    q /= all_reduce_(q.sum()).clamp_min(tiny)
     for _ in range(iterations):
-        q /= global_sum(q.sum(dim=1, keepdim=True))  # each prototype: mass 1 / K
+        q /= all_reduce_(q.sum(dim=1, keepdim=True)).clamp_min(tiny)  # each prototype: 1 / K
         q /= k
         q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)  # each sample (a local column): 1 / B
         q /= b

@@ -7,8 +7,8 @@
   over all ranks) and sharpened (temperature warmed up linearly from
   ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs``); or,
   with ``centering = "sinkhorn_knopp"`` (DINOv2), balanced over the prototypes across the
-  global batch by :func:`models.losses.sinkhorn_knopp` at that temperature. The EMA center
-  is still tracked (and logged through the entropy) either way.
+  global batch by :func:`models.losses.sinkhorn_knopp` at that temperature (the EMA center
+  is then not updated: nothing reads it).
 * Loss: cross-entropy between each global crop's teacher distribution and the student's
   distribution of every other crop, averaged over those pairs.
 * The head's last layer gets no gradient during the first ``freeze_last_layer`` epochs
@@ -184,7 +184,7 @@ class DINO(Method):
         loss = dino_loss(
             list(student.chunk(len(views))), list(probs.chunk(2)), self.cfg.student_temp
         )
-        if self.training:
+        if self.training and self.cfg.centering == "center":
             self._update_center(teacher)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         return {
