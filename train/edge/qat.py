@@ -50,13 +50,14 @@ def qat_finetune(
         raise ValueError("qat needs steps >= 1 and at least one image")
     teacher = model.eval()
     student = prepare(copy.deepcopy(model))
+    # QAT trains every weight, whatever the loader did: encoders loaded from a checkpoint
+    # come back frozen (requires_grad=False), which left the optimizer an empty list.
+    student.requires_grad_(True)
     student.train()
     for m in student.modules():  # frozen normalisation statistics, no dropout
         if isinstance(m, (nn.BatchNorm2d, nn.Dropout)):
             m.eval()
-    opt = torch.optim.AdamW(
-        [p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
-    )
+    opt = torch.optim.AdamW(list(student.parameters()), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(np.ascontiguousarray(images, np.float32))
     targets = torch.from_numpy(labels).long() if labels is not None else None
