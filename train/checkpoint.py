@@ -384,9 +384,12 @@ def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def module_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     """Full shapes of a module's parameters (``ds_shape`` when ZeRO-3 partitioned them) and
-    buffers."""
+    persistent buffers: the names and shapes its state dict has."""
     shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
-    shapes.update({n: tuple(b.shape) for n, b in module.named_buffers()})
+    for prefix, sub in module.named_modules():
+        for n, b in sub.named_buffers(recurse=False):
+            if b is not None and n not in sub._non_persistent_buffers_set:
+                shapes[f"{prefix}.{n}" if prefix else n] = tuple(b.shape)
     return shapes
 
 
@@ -480,11 +483,29 @@ def check_free_space(root: Path) -> None:
 
 
 def _save_error(path: Path, err: BaseException) -> str:
+    """One line: what failed, why, and the free space. torch's zip writer reports a full
+    disk as ``RuntimeError: unexpected pos ...``; a 1 MiB probe write then names the cause."""
     if isinstance(err, OSError) and err.strerror:
         reason = err.strerror
     else:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = _probe_write(path) or (str(err).strip().splitlines() or [type(err).__name__])[0]
     return f"could not save checkpoint {path}: {reason} ({_human(_free(path))} free there)"
+
+
+def _probe_write(path: Path) -> str | None:
+    """The OS's reason when 1 MiB cannot be written beside ``path``; None when it can."""
+    where = path if path.is_dir() else path.parent
+    probe = where / f".space_probe_{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _agree(error: str | None) -> str | None:

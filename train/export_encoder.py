@@ -20,9 +20,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from train.checkpoint import read_meta
-from train.weights import consolidated_state_dict, encoder_state, resolve_checkpoint
-
-__all__ = ["consolidated_state_dict", "encoder_spec", "export_encoder", "resolve_checkpoint"]
+from train.weights import encoder_state, resolve_checkpoint
 
 
 def encoder_spec(meta: dict[str, Any]) -> dict[str, Any]:

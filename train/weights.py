@@ -142,14 +142,17 @@ def _export_file(path: Path) -> Path | None:
     return None
 
 
-def _from_checkpoint(path: Path) -> PretrainedWeights:
+def _from_checkpoint(path: Path, expect: Any | None) -> PretrainedWeights:
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
+    arch = model_config(meta["config"]["model"])
+    if expect is not None:  # before reading any weights
+        check_arch(arch, expect, str(ckpt))
     full = consolidated_state_dict(ckpt)
     method = meta["config"]["method"]
     weights = PretrainedWeights(
         encoder_state(ckpt, full),
-        model_config(meta["config"]["model"]),
+        arch,
         str(ckpt),
         "checkpoint",
         info={"step": meta.get("step"), "method": method["name"]},
@@ -227,7 +230,7 @@ def resolve_weights(
     if export is not None:
         weights = _from_export(export, img_size, patch_size)
     elif path.is_dir() and ((path / MARKER).is_file() or (path / "checkpoints").is_dir()):
-        weights = _from_checkpoint(path)
+        weights = _from_checkpoint(path, expect)
     else:
         weights = _from_state_dict_file(path, expect)
         if weights is None:

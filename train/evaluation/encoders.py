@@ -18,13 +18,10 @@ import torch
 from torch import nn
 
 from models.backbones import create_backbone
-from models.pretrained import load_strict
 from train.config import ModelConfig
 from train.weights import check_arch, model_config, resolve_weights
 
 RANDOM_PREFIX = "random:"
-
-load_into = load_strict  # the name the evaluation protocols use
 
 
 @dataclass
