@@ -89,9 +89,10 @@ def cache_teacher(cfg: RunConfig, batch_size: int, num_workers: int, dtype: str)
     """Write the cache of ``cfg.method`` (see the module docstring); collective over ranks."""
     from data_pipelines.labelled import rank_range
     from data_pipelines.shard_index import expand_shards, read_index
-    from models.methods.distil import CACHE_FEATURES, CACHE_LOGITS, CACHE_META, load_teacher
+    from models.methods.distil import CACHE_FEATURES, CACHE_LOGITS, CACHE_META
     from train.evaluation.features import gather_ordered, world
     from train.evaluation.protocols import init_eval_distributed
+    from train.weights import load_teacher
 
     method = cfg.method
     device = init_eval_distributed()

@@ -11,6 +11,22 @@ Layout of ``<run>/checkpoints/step_00000100/``:
 * ``COMPLETE``: written last, after every rank finished. Only marked checkpoints are resumed
   from or counted; the last ``keep`` marked ones are kept.
 
+Loading is weights-only: checkpoints come from other people (teachers, shared runs), and a
+pickle can run code. DeepSpeed's own reader (``TorchCheckpointEngine.load``) and its offline
+tools (``zero_to_fp32``, ``ds_to_universal``, the universal loader) call
+``torch.load(weights_only=False)``. So the engine's reader is replaced by
+:class:`WeightsOnlyCheckpointEngine` (``torch.load(weights_only=True)`` with the few
+DeepSpeed classes it pickles allow-listed, :data:`DEEPSPEED_SAFE_GLOBALS`), and the files
+that DeepSpeed's offline tools read are first loaded weights-only by
+:func:`verify_weights_only`, so those tools only ever see files that hold nothing but
+tensors, containers and allow-listed classes.
+
+Faults end in one line (a ``ValueError`` that the entry points print): a checkpoint of
+another model or method is refused before DeepSpeed loads it (:func:`check_compatible`,
+naming the differing parameters); a save checks the free space against the last
+checkpoint's size first, and a save that fails (disk full, read-only) removes its partial
+step directory and names the path and the free space.
+
 Elastic resume: a checkpoint saved at world size N is resumed at world size M != N through
 DeepSpeed's universal checkpoint. Rank 0 converts it once (``ds_to_universal``, into
 ``<checkpoint>/universal/``), and the engine is built with ``checkpoint.load_universal``.
@@ -21,7 +37,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 MARKER = "COMPLETE"
 PREFIX = "step_"
@@ -113,28 +132,45 @@ def save_checkpoint(
     keep: int,
     rank: int,
 ) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    A save that cannot fit (:func:`check_free_space`) or fails on any rank (disk full,
+    read-only) raises a one-line ``ValueError`` on every rank; rank 0 removes the partial
+    step directory, and the earlier complete checkpoints stay.
+    """
     path = root / tag_for(step)
+    error: str | None = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if path.exists() and not (path / MARKER).exists():
-            shutil.rmtree(path)  # a save that crashed half-way at this very step
-    _barrier()
-    engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
-    torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
-    method = engine.module
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if path.exists() and not (path / MARKER).exists():
+                shutil.rmtree(path)  # a save that crashed half-way at this very step
+            check_free_space(root)
+        except OSError as e:
+            error = _save_error(root, e)
+        except ValueError as e:
+            error = str(e)
+    error = _agree(error)
+    if error is None:
+        try:
+            _rank_files(engine, root, path, rank)
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports ENOSPC as RuntimeError
+            error = _save_error(path, e)
+    error = _agree(error)
+    if error is None and rank == 0:
+        try:
+            full = dict(meta, step=step, code_version=code_version())
+            _write_atomic(path / "meta.json", json.dumps(full, indent=2) + "\n")
+            _write_atomic(path / MARKER, f"{step}\n")
+        except OSError as e:
+            error = _save_error(path, e)
+    error = _agree(error)
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+        raise ValueError(error)
     if rank == 0:
-        extra = method.extra_state() if hasattr(method, "extra_state") else {}
-        if extra:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in extra.items()},
-                str(path / "extra_state.safetensors"),
-            )
-    _barrier()
-    if rank == 0:
-        full = dict(meta, step=step, code_version=code_version())
-        _write_atomic(path / "meta.json", json.dumps(full, indent=2) + "\n")
-        _write_atomic(path / MARKER, f"{step}\n")
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -142,7 +178,16 @@ def save_checkpoint(
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((path / "meta.json").read_text())
+    """``meta.json`` of a checkpoint; a missing or broken one is a one-line ``ValueError``."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is not a checkpoint (no meta.json)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}/meta.json could not be read: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}/meta.json does not hold an object")
+    return meta
 
 
 UNIVERSAL = "universal"
@@ -154,30 +199,44 @@ def needs_universal(path: Path, world_size: int) -> bool:
 
 
 def ensure_universal(path: Path, rank: int) -> None:
-    """Collective: rank 0 converts ``path`` to a universal checkpoint once; others wait."""
+    """Collective: rank 0 checks ``path`` weights-only and converts it to a universal
+    checkpoint once; others wait. A failure is a ``ValueError`` on every rank."""
+    error: str | None = None
+    if rank == 0:
+        try:
+            verify_weights_only(path)  # ds_to_universal and the universal loader unpickle fully
+            _convert_universal(path)
+        except ValueError as e:
+            error = str(e)
+    error = _agree(error)
+    if error is not None:
+        raise ValueError(error)
+
+
+def _convert_universal(path: Path) -> None:
     target = path / UNIVERSAL
-    if rank == 0 and not (target / MARKER).is_file():
-        shutil.rmtree(target, ignore_errors=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            str(path),
-            "--output_folder",
-            str(target),
-            "--inject_missing_state",
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
-            raise ValueError(f"could not convert {path} to a universal checkpoint: {tail}")
-        _write_atomic(target / MARKER, "universal\n")
-    _barrier()
+    if (target / MARKER).is_file():
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(path),
+        "--output_folder",
+        str(target),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
+        raise ValueError(f"could not convert {path} to a universal checkpoint: {tail}")
+    _write_atomic(target / MARKER, "universal\n")
 
 
 def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict[str, Any]:
@@ -185,6 +244,8 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict
     if not (path / MARKER).is_file():
         raise ValueError(f"checkpoint {path} is incomplete (no {MARKER} marker)")
     meta = read_meta(path)
+    check_compatible(path, engine.module)
+    install_weights_only_engine(engine)
     if meta["world_size"] != world_size:
         load_dir, tag = path, UNIVERSAL  # built with checkpoint.load_universal
     else:
@@ -202,3 +263,269 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict
     if meta.get("world_size") == world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return meta
+
+
+# ---------------------------------------------------------------- weights-only loading
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """The few classes DeepSpeed pickles beside tensors, allow-listed for weights-only loads.
+
+    Found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on the files of
+    ZeRO-0/1/2/3 runs in fp32, bf16 and fp16: the ZeRO stage enum and the fp16 loss scalers
+    in the optimizer states, the fragment addresses of ZeRO-1/2's parameter slices, and an
+    ``argparse.Namespace`` when a launcher passes ``args``. Each is rebuilt from plain values
+    (an enum call or an attribute dict) and runs no code of the file's choosing.
+    """
+    import argparse
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, argparse.Namespace]
+
+
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _refusal(err: Exception) -> str:
+    """What the weights-only unpickler refused, from its long message."""
+    text = str(err)
+    found = _REFUSED_GLOBAL.search(text)
+    if found:
+        return found.group(1)
+    after = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [ln.strip() for ln in after.splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def load_weights_only(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with DeepSpeed's classes allow-listed.
+
+    A file that needs anything else (a pickle that would run code) is refused with a
+    one-line ``ValueError`` naming what it wanted to unpickle; nothing of it runs.
+    ``mmap``: map tensor storages instead of reading them (zip files only), for checks.
+    """
+    import zipfile
+
+    mmap = mmap and zipfile.is_zipfile(path)
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"{path} is not a weights-only checkpoint (refusing to unpickle {_refusal(e)})"
+            ) from None
+        except (RuntimeError, OSError, EOFError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{path} could not be read as a torch checkpoint: {first}") from None
+
+
+def verify_weights_only(path: Path) -> None:
+    """Load every ``*.pt`` under ``path`` weights-only (memory-mapped), or raise.
+
+    Run before DeepSpeed's offline readers (``zero_to_fp32``, ``ds_to_universal``, the
+    universal loader), which unpickle with ``weights_only=False``: they then only see files
+    the weights-only unpickler accepted.
+    """
+    for f in sorted(path.rglob("*.pt")):
+        load_weights_only(f, mmap=True)
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with a weights-only ``load``; everything else (saving,
+    commit, decoupled writes) is the engine DeepSpeed built, to which it delegates."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_weights_only(Path(path), map_location=map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def install_weights_only_engine(engine: Any) -> None:
+    """Make ``engine.load_checkpoint`` read every file through :func:`load_weights_only`."""
+    if not isinstance(engine.checkpoint_engine, WeightsOnlyCheckpointEngine):
+        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine.checkpoint_engine)
+
+
+# ---------------------------------------------------------------- resuming into another model
+
+
+def model_states_file(path: Path) -> Path:
+    """DeepSpeed's module file of a checkpoint (``mp_rank_00_model_states.pt``, or
+    ``zero_pp_rank_0_mp_rank_00_model_states.pt`` under ZeRO-3)."""
+    files = sorted(path.glob("*mp_rank_00_model_states.pt"))
+    if not files:
+        raise ValueError(f"{path}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
+    return files[0]
+
+
+def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of checkpoint ``path``, read weights-only.
+
+    DeepSpeed's ``param_shapes`` (and ``frozen_param_shapes``) are authoritative under ZeRO-3,
+    whose ``module`` holds no partitioned weights; the ``module`` tensors give the rest.
+    """
+    state = load_weights_only(model_states_file(path), mmap=True)
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        raise ValueError(f"{path}: the model states hold no 'module' state dict")
+    shapes = {k: tuple(v.shape) for k, v in state["module"].items() if torch.is_tensor(v)}
+    groups = state.get("param_shapes") or []
+    for group in [groups] if isinstance(groups, dict) else groups:
+        shapes.update({k: tuple(v) for k, v in group.items()})
+    shapes.update({k: tuple(v) for k, v in (state.get("frozen_param_shapes") or {}).items()})
+    return shapes
+
+
+def module_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Full shapes of a module's parameters (``ds_shape`` when ZeRO-3 partitioned them) and
+    persistent buffers: the names and shapes its state dict has."""
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+    for prefix, sub in module.named_modules():
+        for n, b in sub.named_buffers(recurse=False):
+            if b is not None and n not in sub._non_persistent_buffers_set:
+                shapes[f"{prefix}.{n}" if prefix else n] = tuple(b.shape)
+    return shapes
+
+
+def shape_differences(
+    saved: dict[str, tuple[int, ...]], here: dict[str, tuple[int, ...]]
+) -> list[str]:
+    """Human-readable differences, shapes first, then missing and unexpected names."""
+
+    def fmt(shape: tuple[int, ...]) -> str:
+        return "x".join(map(str, shape)) or "scalar"
+
+    out = [
+        f"{k} {fmt(saved[k])} there, {fmt(here[k])} here"
+        for k in sorted(saved.keys() & here.keys())
+        if saved[k] != here[k]
+    ]
+    out += [f"{k} missing in the checkpoint" for k in sorted(here.keys() - saved.keys())]
+    out += [f"{k} not in this model" for k in sorted(saved.keys() - here.keys())]
+    return out
+
+
+def check_compatible(path: Path, module: nn.Module) -> None:
+    """Refuse, before DeepSpeed loads anything, a checkpoint of another model or method.
+
+    One line naming the checkpoint's method and model and the first differing parameters.
+    """
+    diffs = shape_differences(saved_shapes(path), module_shapes(module))
+    if not diffs:
+        return
+    cfg = read_meta(path).get("config", {})
+    method = cfg.get("method", {}).get("name", "?")
+    model = cfg.get("model", {})
+    saved_by = f"method {method}, model {model.get('name', '?')} patch {model.get('patch_size')}"
+    more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    raise ValueError(
+        f"checkpoint {path} ({saved_by}) does not fit this model: {'; '.join(diffs[:3])}{more}"
+    )
+
+
+# ---------------------------------------------------------------- disk space and permissions
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _free(path: Path) -> int:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def ensure_writable(directory: Path) -> None:
+    """Create ``directory`` and write a probe file in it; a one-line ``ValueError`` if the
+    path is read-only, not a directory or not permitted (root ignores modes, not mounts)."""
+    probe = directory / f".write_probe_{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ValueError(f"output directory {directory} is not writable: {reason}") from None
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of one checkpoint directory (its universal conversion excluded)."""
+    return sum(
+        f.stat().st_size
+        for f in path.rglob("*")
+        if f.is_file() and UNIVERSAL not in f.relative_to(path).parts
+    )
+
+
+def check_free_space(root: Path) -> None:
+    """Refuse to start a save that cannot fit: free space below the last checkpoint's size."""
+    last = latest_complete(root)
+    if last is None:
+        return
+    need, free = checkpoint_bytes(last), _free(root)
+    if free < need:
+        raise ValueError(
+            f"not enough space to save a checkpoint in {root}: {_human(free)} free, "
+            f"the last checkpoint ({last.name}) took {_human(need)}"
+        )
+
+
+def _save_error(path: Path, err: BaseException) -> str:
+    """One line: what failed, why, and the free space. torch's zip writer reports a full
+    disk as ``RuntimeError: unexpected pos ...``; a 1 MiB probe write then names the cause."""
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    else:
+        reason = _probe_write(path) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"could not save checkpoint {path}: {reason} ({_human(_free(path))} free there)"
+
+
+def _probe_write(path: Path) -> str | None:
+    """The OS's reason when 1 MiB cannot be written beside ``path``; None when it can."""
+    where = path if path.is_dir() else path.parent
+    probe = where / f".space_probe_{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _agree(error: str | None) -> str | None:
+    """Collective: the first rank's error, so that every rank stops (or goes on) together."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def _rank_files(engine: Any, root: Path, path: Path, rank: int) -> None:
+    """This rank's files of a checkpoint: DeepSpeed's, its RNG, and (rank 0) extra state."""
+    engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
+    torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
+    method = engine.module
+    if rank == 0:
+        extra = method.extra_state() if hasattr(method, "extra_state") else {}
+        if extra:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in extra.items()},
+                str(path / "extra_state.safetensors"),
+            )

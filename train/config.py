@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import tomllib
 
@@ -212,6 +212,10 @@ class MethodConfig:
     export_teacher: bool = False
     """Export and evaluate the EMA teacher's backbone instead of the trained one (methods
     with a teacher only; DINO's default, as its authors evaluate the teacher)."""
+    weight_fields: ClassVar[dict[str, bool]] = {}
+    """Fields that name pretrained weights -> whether those must fit ``model``. The entry
+    points resolve them (``train.weights.method_weights``) and ``create_method`` hands the
+    method the result, so that methods never read files."""
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """Export the pretrained encoder as a safetensors state dict that loads into timm.
 
 ``python -m train.export_encoder RUN_DIR_OR_CHECKPOINT [--out DIR]`` consolidates the
-fp32 master weights from the ZeRO partitions (DeepSpeed's ``zero_to_fp32``), keeps the
-``backbone.`` parameters (or, with ``method.export_teacher``, the EMA teacher's backbone
-from ``extra_state.safetensors``), and writes ``encoder.safetensors`` plus ``encoder.json`` (the
-timm model name and the keyword arguments to rebuild it). :func:`load_encoder` reads it
-back into ``timm.create_model`` of the same architecture.
+fp32 master weights from the ZeRO partitions (weights-only, see ``train.weights``), keeps
+the ``backbone.`` parameters (or, with ``method.export_teacher``, the EMA teacher's backbone
+from ``extra_state.safetensors``), and writes ``encoder.safetensors`` plus ``encoder.json``
+(the timm model name and the keyword arguments to rebuild it), which
+``train.weights.resolve_weights`` and ``train.evaluation.encoders.load_encoder`` read back.
+Exit codes: 0 written, 2 bad input (not a checkpoint, a file that is not weights-only).
 """
 
 from __future__ import annotations
@@ -16,65 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 
-from train.checkpoint import MARKER, latest_complete, read_meta
-
-PREFIX = "backbone."
-TEACHER_PREFIX = "teacher.backbone."
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or the latest complete one of a run directory."""
-    if (path / MARKER).is_file():
-        return path
-    found = latest_complete(path / "checkpoints")
-    if found is None:
-        raise ValueError(f"{path}: not a complete checkpoint nor a run directory with one")
-    return found
-
-
-def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    has_partitions = any(ckpt.glob("*optim_states.pt"))
-    if has_partitions:
-        try:
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        except (ValueError, KeyError):
-            pass  # stage 0 without partitioned optimizer: the module states hold it all
-    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise ValueError(f"{ckpt}: no DeepSpeed model states found")
-    # DeepSpeed's own file (it stores non-tensor metadata, so weights_only cannot read it).
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in state["module"].items()}
-
-
-def encoder_state(
-    ckpt: Path, full: dict[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """The encoder's fp32 weights (timm names) in checkpoint ``ckpt``.
-
-    The trained backbone, or the EMA teacher's when the run's method sets ``export_teacher``.
-    ``full``: the checkpoint's consolidated state dict, when the caller already has it.
-    """
-    method = read_meta(ckpt)["config"]["method"]
-    if method.get("export_teacher", False):
-        extra = ckpt / "extra_state.safetensors"
-        if not extra.is_file():
-            raise ValueError(f"{ckpt}: method.export_teacher is set but there is no {extra.name}")
-        source, prefix = load_file(str(extra)), TEACHER_PREFIX
-    else:
-        source, prefix = (consolidated_state_dict(ckpt) if full is None else full), PREFIX
-    n = len(prefix)
-    state = {k[n:]: v.float().contiguous() for k, v in source.items() if k.startswith(prefix)}
-    if not state:
-        raise ValueError(f"{ckpt}: no '{prefix}*' parameters in the checkpoint")
-    return state
+from train.checkpoint import read_meta
+from train.weights import encoder_state, resolve_checkpoint
 
 
 def encoder_spec(meta: dict[str, Any]) -> dict[str, Any]:
@@ -108,28 +54,6 @@ def export_encoder(path: Path, out_dir: Path) -> Path:
     return weights
 
 
-def load_encoder(weights: Path) -> nn.Module:
-    """Rebuild the timm model named in ``encoder.json`` and load the exported weights."""
-    import timm
-
-    spec_file = weights.with_suffix(".json")
-    if not spec_file.is_file():
-        raise ValueError(f"{weights}: missing {spec_file.name} beside it")
-    spec = json.loads(spec_file.read_text())
-    model = timm.create_model(spec["timm_name"], pretrained=False, **spec["kwargs"])
-    if spec.get("cifar_stem"):
-        from models.backbones import _cifar_stem
-
-        _cifar_stem(model)
-    state = load_file(str(weights))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"{weights} does not match {spec['timm_name']}: {first}") from None
-    return model
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="run directory or checkpoint directory")
@@ -141,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(export_encoder(ckpt, out))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unwritable --out
+        print(f"error: could not write {e.filename or args.out}: {e.strerror}", file=sys.stderr)
         return 2
     return 0
 

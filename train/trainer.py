@@ -31,6 +31,7 @@ from models.registry import create_method
 from models.vit import token_parameters
 from train.checkpoint import (
     ensure_universal,
+    ensure_writable,
     latest_complete,
     load_checkpoint,
     needs_universal,
@@ -42,6 +43,7 @@ from train.metrics import RunLogger, peak_memory_mb
 from train.optim import build_optimizer
 from train.preemption import EXIT_REQUEUE, StopFlag
 from train.schedules import warmup_cosine
+from train.weights import method_weights
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 """A dead rank fails the job after this long instead of hanging it."""
@@ -166,8 +168,8 @@ def run(cfg: RunConfig) -> int:
     run_dir = Path(cfg.train.output_dir)
     ckpt_root = run_dir / "checkpoints"
     ds_config = build_ds_config(cfg, world)
+    ensure_writable(run_dir)  # a read-only output is one line, not an OSError later
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
 
@@ -179,7 +181,7 @@ def run(cfg: RunConfig) -> int:
         uint8=cfg.data.uint8_views,
     )
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    method: Method = create_method(cfg.method, cfg.model)
+    method: Method = create_method(cfg.method, cfg.model, method_weights(cfg.method, cfg.model))
     loader = build_loader(
         cfg.data.train_shards,
         transform=transform,

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ from models.distill_losses import (
 from models.distributed import all_reduce_mean_
 from models.heads import projection_mlp
 from models.methods.base import Batch, Method
+from models.pretrained import PretrainedWeights
 from models.registry import register_method
 from models.students import create_student, student_features, student_shape
 from models.vit import forward_tokens, pool_tokens
@@ -73,6 +74,7 @@ class DistilConfig(MethodConfig):
     teacher: str = ""
     """Pretrained encoder: run directory, checkpoint directory, or export (encoder.safetensors
     or the directory holding it). May stay empty with ``cache``."""
+    weight_fields: ClassVar[dict[str, bool]] = {"teacher": False}
     teacher_pool: str = "cls"
     """Teacher embedding: the class token (cls) or the mean of the patch tokens (avg)."""
     teacher_view: str = "same"
@@ -242,47 +244,20 @@ class FrozenTeacher:
         )
 
 
-def load_teacher(spec: str, pool: str = "cls") -> FrozenTeacher:
-    """A teacher from a run directory, checkpoint or export (see train.evaluation.encoders).
+def frozen_teacher(weights: PretrainedWeights, pool: str = "cls") -> FrozenTeacher:
+    """The teacher of resolved ``weights`` (``train.weights``; this module reads no files).
 
-    A checkpoint of a fine-tuning run (``head.weight`` present) brings its classification head,
-    applied to the pooling it was trained with (``method.global_pool``).
+    Weights of a fine-tuning run bring its classification head, applied to the pooling it
+    was trained with (``method.global_pool``).
     """
-    from safetensors.torch import load_file
-
-    from models.backbones import create_backbone
-    from train.evaluation.encoders import load_into, resolve
-
-    kind, arch, location = resolve(spec)
-    if kind == "random":
-        raise ValueError(f"method.teacher={spec!r}: a teacher must be pretrained")
+    model = weights.build()
     head: nn.Linear | None = None
-    head_pool = "cls"
-    if kind == "export":
-        state = load_file(str(location))
-    else:
-        from train.checkpoint import read_meta
-        from train.export_encoder import consolidated_state_dict, encoder_state
-
-        full = consolidated_state_dict(location)
-        state = encoder_state(location, full)
-        if "head.weight" in full:
-            w, b = full["head.weight"].float(), full["head.bias"].float()
-            head = nn.Linear(w.shape[1], w.shape[0])
-            head.load_state_dict({"weight": w, "bias": b})
-            method = read_meta(location)["config"]["method"]
-            head_pool = method.get("global_pool", "cls")
-    with torch.device("meta"):  # no random init of weights that are overwritten at once
-        model = create_backbone(arch)
-    with contextlib.suppress(RuntimeError):  # load_into below reports a mismatch
-        model.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
-        with torch.random.fork_rng(devices=[]):
-            model = create_backbone(arch)  # a buffer outside the state dict: build for real
-        load_into(model, state, str(location), arch.name)
-    if not is_vit(model):
-        head_pool = "cls"  # a CNN's head reads its pooled features
-    return FrozenTeacher(model.float(), pool, head, head_pool, str(location))
+    head_pool = weights.head_pool if is_vit(model) else "cls"  # a CNN's head reads its pool
+    if weights.head is not None:
+        w, b = weights.head["weight"].float(), weights.head["bias"].float()
+        head = nn.Linear(w.shape[1], w.shape[0])
+        head.load_state_dict({"weight": w, "bias": b})
+    return FrozenTeacher(model, pool, head, head_pool, weights.source)
 
 
 # ---------------------------------------------------------------- cached teacher embeddings
@@ -484,8 +459,11 @@ class Distil(Method):
 
 
 @register_method("distil", DistilConfig)
-def build_distil(cfg: DistilConfig, model_cfg: Any) -> Distil:
-    """The student is ``model.name`` with ``model.cifar_stem``; the teacher ``cfg.teacher``."""
+def build_distil(
+    cfg: DistilConfig, model_cfg: Any, weights: Mapping[str, PretrainedWeights]
+) -> Distil:
+    """The student is ``model.name`` with ``model.cifar_stem``; the teacher
+    ``weights["teacher"]`` (``method.teacher``, resolved by the entry point)."""
     student = create_student(
         model_cfg.name,
         img_size=model_cfg.img_size,
@@ -495,7 +473,7 @@ def build_distil(cfg: DistilConfig, model_cfg: Any) -> Distil:
     if cfg.cache:
         return Distil(cfg, student, model_cfg.img_size, cache=TeacherCache(cfg.cache))
     with torch.random.fork_rng(devices=[]):  # the heads' init must not depend on the teacher
-        teacher = load_teacher(cfg.teacher, cfg.teacher_pool)
+        teacher = frozen_teacher(weights["teacher"], cfg.teacher_pool)
     if teacher.vit:
         size = tuple(teacher.model.patch_embed.img_size)
         if size != (model_cfg.img_size, model_cfg.img_size):

@@ -14,8 +14,9 @@ still receive gradients (ZeRO partitions expect them), they only do not move.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from torch import nn
 
 from models.backbones import create_backbone, embed, embed_dim, is_vit
 from models.methods.base import Batch, Method, StepContext
+from models.pretrained import PretrainedWeights
 from models.registry import register_method
 from train.config import ConfigError, MethodConfig
 
@@ -38,6 +40,7 @@ class FinetuneConfig(MethodConfig):
     name: str = "finetune"
     init: str = ""
     """Run directory, checkpoint or encoder.safetensors to start from; "" = random init."""
+    weight_fields: ClassVar[dict[str, bool]] = {"init": True}
     num_classes: int = 10
     """Classes of the head; a label >= num_classes is an error."""
     layer_decay: float = 0.75
@@ -171,19 +174,11 @@ class Finetune(Method):
 
 
 @register_method("finetune", FinetuneConfig)
-def build_finetune(cfg: FinetuneConfig, model_cfg: Any) -> Finetune:
+def build_finetune(
+    cfg: FinetuneConfig, model_cfg: Any, weights: Mapping[str, PretrainedWeights]
+) -> Finetune:
+    """``weights["init"]`` (resolved from ``method.init`` to fit ``model``) or a random init."""
     backbone = create_backbone(model_cfg)
-    if cfg.init:
-        from train.evaluation.encoders import backbone_state, load_into, resolve
-
-        kind, arch, location = resolve(cfg.init, model_cfg.img_size, model_cfg.patch_size)
-        for key in ("name", "img_size", "patch_size"):
-            if getattr(arch, key) != getattr(model_cfg, key):
-                raise ValueError(
-                    f"method.init={cfg.init} does not match the architecture: {key}="
-                    f"{getattr(arch, key)!r} there, model.{key}={getattr(model_cfg, key)!r} here"
-                )
-        if kind == "random":
-            raise ValueError("method.init takes a checkpoint; leave it empty for a random init")
-        load_into(backbone, backbone_state(kind, location), str(location), model_cfg.name)
+    if "init" in weights:
+        weights["init"].load_into(backbone)
     return Finetune(cfg, backbone)

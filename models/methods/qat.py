@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from models.backbones import embed
 from models.fake_quant import distill_loss, prepare
 from models.methods.base import Method
+from models.pretrained import PretrainedWeights
 from models.registry import register_method
 from train.config import ConfigError, MethodConfig
 
@@ -22,6 +25,7 @@ class QATConfig(MethodConfig):
     name: str = "qat"
     init: str = ""
     """The encoder to fine-tune: run dir, checkpoint, or encoder.safetensors (required)."""
+    weight_fields: ClassVar[dict[str, bool]] = {"init": False}
     pool: str = "cls"
     """ViT feature that is distilled: cls or avg."""
 
@@ -39,18 +43,14 @@ class QATMethod(Method):
 
     teacher: nn.Module  # a plain attribute, see __init__
 
-    def __init__(self, cfg: QATConfig, model_cfg: Any):
+    def __init__(self, cfg: QATConfig, encoder: nn.Module):
+        """``encoder``: the float encoder to fine-tune (``method.init``, resolved by the
+        entry point); the fake-quant student is a copy of it."""
         super().__init__()
-        from models.backbones import embed
-        from train.evaluation.encoders import load_encoder
-
-        if not cfg.init:
-            raise ConfigError("method.init is required: the encoder to fine-tune")
-        enc = load_encoder(cfg.init, img_size=model_cfg.img_size, patch_size=model_cfg.patch_size)
-        self.backbone = prepare(copy.deepcopy(enc.model))
+        self.backbone = prepare(copy.deepcopy(encoder))
         # The FP32 teacher is a plain attribute, not a submodule (as in models.methods.distil):
         # outside parameters(), state_dict(), DeepSpeed's dtype cast and ZeRO-3 partitioning.
-        teacher = enc.model.eval().requires_grad_(False)
+        teacher = encoder.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)
         for p in self.backbone.parameters():
             p.requires_grad_(True)
@@ -80,5 +80,9 @@ class QATMethod(Method):
 
 
 @register_method("qat", QATConfig)
-def build_qat(method_cfg: QATConfig, model_cfg: Any) -> QATMethod:
-    return QATMethod(method_cfg, model_cfg)
+def build_qat(
+    method_cfg: QATConfig, model_cfg: Any, weights: Mapping[str, PretrainedWeights]
+) -> QATMethod:
+    if "init" not in weights:
+        raise ConfigError("method.init is required: the encoder to fine-tune")
+    return QATMethod(method_cfg, weights["init"].build())

@@ -18,9 +18,9 @@ from models.registry import create_method
 from train.checkpoint import ensure_universal, load_checkpoint, read_meta
 from train.config import config_from_dict
 from train.ds_config import build_ds_config
-from train.export_encoder import consolidated_state_dict
 from train.optim import build_optimizer
 from train.trainer import init_distributed
+from train.weights import consolidated_state_dict
 
 
 def main() -> None:

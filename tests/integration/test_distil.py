@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.methods.distil import load_teacher
 from models.students import create_student
 from models.vit import create_vit
 from tests.integration.runs import Rank, finish, read_metrics, shard_overrides, start
+from train.weights import load_teacher
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.integration.runs import TINY, read_metrics, shard_overrides, spawn
 from train.checkpoint import latest_complete
-from train.export_encoder import consolidated_state_dict
+from train.weights import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 

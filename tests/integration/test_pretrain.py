@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.integration.runs import ROOT, TINY, launch, read_metrics, shard_overrides, spawn
 from train.checkpoint import complete_checkpoints
-from train.export_encoder import load_encoder
+from train.evaluation.encoders import load_encoder
 from train.preemption import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def test_two_process_bf16_run_checkpoints_and_exports(
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step_00000004"]
     # the exported encoder is consolidated from the ZeRO partitions and loads into timm
     weights = run / "export" / "encoder.safetensors"
-    model = load_encoder(weights)
+    model = load_encoder(str(weights)).model
     reference = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=0)
     assert set(model.state_dict()) == set(reference.state_dict())
     state = load_file(str(weights))

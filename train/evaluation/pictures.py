@@ -96,11 +96,11 @@ def neighbour_grid(
 
 def mae_reconstructions(run_or_ckpt: str, imgs: torch.Tensor) -> torch.Tensor | None:
     """MAE's (original, masked, reconstruction) grid ``(3, H, W)``; None for other methods."""
+    from models.pretrained import load_strict
     from models.registry import create_method
     from train.checkpoint import read_meta
     from train.config import config_from_dict
-    from train.evaluation.encoders import load_into
-    from train.export_encoder import consolidated_state_dict, resolve_checkpoint
+    from train.weights import consolidated_state_dict, resolve_checkpoint
 
     path = Path(run_or_ckpt)
     if not path.is_dir():
@@ -112,7 +112,7 @@ def mae_reconstructions(run_or_ckpt: str, imgs: torch.Tensor) -> torch.Tensor | 
     cfg = config_from_dict(meta["config"])
     cfg.model.drop_path_rate = 0.0
     method = create_method(cfg.method, cfg.model)
-    load_into(method, consolidated_state_dict(ckpt), str(ckpt), "mae")
+    load_strict(method, consolidated_state_dict(ckpt), str(ckpt), "mae")
     method.eval()
     return method.visualize({"views": [imgs]})
 

@@ -423,10 +423,10 @@ def check_finetune(cfg: Any) -> None:
 
 def run_finetune(cfg: Any) -> int:
     """Train with ``train.trainer.run``, then top-1/top-5 of the final weights on val."""
+    from models.pretrained import load_strict
     from models.registry import create_method
-    from train.evaluation.encoders import load_into
-    from train.export_encoder import consolidated_state_dict, resolve_checkpoint
     from train.trainer import init_distributed, run
+    from train.weights import consolidated_state_dict, resolve_checkpoint
 
     check_finetune(cfg)
     code = run(cfg)
@@ -438,7 +438,7 @@ def run_finetune(cfg: Any) -> int:
     eval_cfg = replace(cfg.method, init="")
     model_cfg = replace(cfg.model, drop_path_rate=0.0, grad_checkpointing=False)
     method = create_method(eval_cfg, model_cfg)
-    load_into(method, consolidated_state_dict(ckpt), str(ckpt), cfg.model.name)
+    load_strict(method, consolidated_state_dict(ckpt), str(ckpt), cfg.model.name)
     method.to(device).eval()
     reader = LabelledReader(
         cfg.data.val_shards,

@@ -63,14 +63,14 @@ def test_qat_method_trains_a_fake_quant_copy_against_a_frozen_outside_teacher():
     partitioning, not in checkpoints) and stays bit-identical; the loss is 1 - cos."""
     import torch.nn.functional as F
 
-    from models.backbones import embed
+    from models.backbones import create_backbone, embed
     from models.fake_quant import FakeQuantConv2d
     from models.methods.qat import QATConfig, QATMethod
     from train.config import ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(name="vit_tiny_patch16_224", img_size=16, patch_size=4)
-    method = QATMethod(QATConfig(init="random:vit_tiny_patch16_224"), cfg).train()
+    method = QATMethod(QATConfig(init="random"), create_backbone(cfg)).train()
     names = [n for n, _ in method.named_parameters()]
     assert names and all(n.startswith("backbone.") for n in names)
     assert not any(k.startswith("teacher") for k in method.state_dict())

@@ -19,11 +19,11 @@ from models.methods.distil import (
     DistilConfig,
     TeacherCache,
     build_distil,
-    load_teacher,
 )
 from models.students import STUDENTS, apply_cifar_stem, create_student, student_shape
 from models.vit import create_vit
 from train.config import ConfigError, ModelConfig
+from train.weights import load_teacher, method_weights
 
 STUDENT = ModelConfig(name="mobilenetv3_small_100", img_size=32, patch_size=8, cifar_stem=True)
 TEACHER_ARCH = {"img_size": 32, "patch_size": 8, "num_classes": 0}
@@ -87,7 +87,7 @@ def test_mobilenetv3_cifar_stem_keeps_a_2x2_map_and_the_plain_stem_is_refused() 
 def _method(teacher: Path, **kw: object) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = DistilConfig(teacher=str(teacher), proj_hidden_dim=32, queue_size=16, **kw)  # type: ignore[arg-type]
-    return build_distil(cfg, STUDENT)
+    return build_distil(cfg, STUDENT, method_weights(cfg, STUDENT))
 
 
 def test_forward_is_the_weighted_sum_of_independently_computed_losses(

@@ -1,0 +1,127 @@
+"""Files users hand us load weights-only: a pickle payload in a real run directory is refused
+with one line and exit code 2 on every path that reads it, and no code of it runs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.runs import ROOT, TINY, shard_overrides
+from train.checkpoint import load_weights_only
+from train.weights import consolidated_state_dict
+
+pytestmark = pytest.mark.slow
+
+STEP = "step_00000002"
+
+
+class Payload:
+    """Unpickling this calls ``open(marker, "w")``: the marker exists iff code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def _poisoned(tiny_run: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A copy of the run whose model states are a payload; (run, states file, marker)."""
+    run = tmp_path / "poisoned"
+    shutil.copytree(tiny_run, run)
+    states = run / "checkpoints" / STEP / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "code_ran"
+    torch.save({"module": Payload(marker)}, states)
+    return run, states, marker
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _refused(proc: subprocess.CompletedProcess, states: Path, marker: Path) -> None:
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith(("error:", "config error:"))]
+    assert errors == [
+        f"error: {states} is not a weights-only checkpoint (refusing to unpickle io.open)"
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists(), "the payload ran"
+
+
+def test_payload_is_refused_by_export(tiny_run: Path, tmp_path: Path) -> None:
+    run, states, marker = _poisoned(tiny_run, tmp_path)
+    _refused(_cli("train.export_encoder", str(run), "--out", str(tmp_path / "out")), states, marker)
+
+
+def test_payload_is_refused_by_knn_evaluation(
+    tiny_run: Path, tiny_shards: Path, tmp_path: Path
+) -> None:
+    run, states, marker = _poisoned(tiny_run, tmp_path)
+    proc = _cli(
+        "train.evaluate",
+        "knn",
+        "eval_default",
+        f"encoder.checkpoint={run}",
+        f"output_dir={tmp_path / 'eval'}",
+        f"data.train={tiny_shards}/train/train-{{000000..000003}}.tar",
+        f"data.val={tiny_shards}/val/val-000000.tar",
+        "data.num_workers=0",
+    )
+    _refused(proc, states, marker)
+
+
+def test_payload_is_refused_as_a_distillation_teacher(
+    tiny_run: Path, tiny_shards: Path, tmp_path: Path
+) -> None:
+    run, states, marker = _poisoned(tiny_run, tmp_path)
+    proc = _cli(
+        "train.distil",
+        "distil_vit_tiny_to_mnv3_cifar",
+        *shard_overrides(tiny_shards),
+        "model.name=mobilenetv3_small_100",
+        f"method.teacher={run}",
+        "data.num_workers=0",
+        "train.micro_batch=8",
+        "train.steps=1",
+        f"train.output_dir={tmp_path / 'distil'}",
+    )
+    _refused(proc, states, marker)
+
+
+def test_payload_is_refused_on_resume(tiny_run: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    run, states, marker = _poisoned(tiny_run, tmp_path)
+    proc = _cli(
+        "train.pretrain",
+        "mae_vit_tiny_demo",
+        *TINY,
+        *shard_overrides(tiny_shards),
+        "train.steps=3",
+        f"checkpoint.resume={run / 'checkpoints' / STEP}",
+        f"train.output_dir={tmp_path / 'resumed'}",
+    )
+    _refused(proc, states, marker)
+
+
+def test_deepspeed_files_load_weights_only_and_consolidate_as_zero_to_fp32(
+    tiny_run: Path,
+) -> None:
+    """The allow-list covers what DeepSpeed pickles (ZeRO-2 bf16 optimizer states), and the
+    weights-only consolidation equals DeepSpeed's own (unpickling) zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = tiny_run / "checkpoints" / STEP
+    optim = next(ckpt.glob("*optim_states.pt"))
+    state = load_weights_only(optim)
+    assert "optimizer_state_dict" in state
+    ours = consolidated_state_dict(ckpt)
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=STEP)
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        assert torch.equal(ours[k], v.float()), k
