@@ -131,7 +131,9 @@ def load_encoder(weights: Path) -> nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m train.export_encoder", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("path", type=Path, help="run directory or checkpoint directory")
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/export")
     args = parser.parse_args(argv)
