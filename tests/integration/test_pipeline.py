@@ -127,6 +127,6 @@ def test_failing_export_writes_the_report_and_exits_4(tmp_path: Path) -> None:
     args = ["pipeline", "export_pipeline_demo", f"output_dir={root}", f"checkpoint={missing}"]
     assert main([*args, "evaluate.enabled=false", "distil.enabled=false"]) == EXIT_STAGE
     report = (root / "report.md").read_text()
-    line = report.split("**Stage `export teacher` failed** (exit code 1): ")[1].splitlines()[0]
+    line = report.split("**Stage `export teacher` failed** (exit code 2): ")[1].splitlines()[0]
     assert str(missing) in line
     assert "Traceback" in (root / "export_teacher.log").read_text()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.cli import EXIT_OK, EXIT_REQUEUE, EXIT_STAGE, EXIT_VERIFY
+from train.cli import EXIT_OK, EXIT_REQUEUE, EXIT_STAGE, EXIT_USAGE, EXIT_VERIFY
 from train.config import ConfigError, build_dataclass, load_raw, resolve_recipe_path
 
 
@@ -132,7 +132,9 @@ class _Chain:
         except Exception as e:  # recorded in the report: the chain reports every failure
             log.write_text(traceback.format_exc())
             why = f"{type(e).__name__}: {e}".splitlines()[0]
-            self.results.append(StageResult(f"export {name}", 1, time.time() - t0, str(log), why))
+            code = EXIT_USAGE if isinstance(e, ValueError) else 1  # what the CLI would exit with
+            seconds = time.time() - t0
+            self.results.append(StageResult(f"export {name}", code, seconds, str(log), why))
             print(f"[pipeline] export {name} failed: {why} (traceback: {log})", flush=True)
             return None
         code = 0 if report["passed"] else EXIT_VERIFY
