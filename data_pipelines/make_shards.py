@@ -342,6 +342,13 @@ def write_shards(
     for record, skipped in _map(write_one_shard, jobs, workers):
         records.append(record)
         unreadable.extend(skipped)
+    if not any(r["samples"] for r in records):  # an empty data set is an error, not a result
+        for job in jobs:
+            Path(job.path).unlink(missing_ok=True)
+        first = sorted(unreadable)[0] if unreadable else "none"
+        raise ValueError(
+            f"wrote 0 samples: all {len(items)} inputs were unreadable or missing (first: {first})"
+        )
     index = {
         "shards": records,
         "num_samples": sum(r["samples"] for r in records),

@@ -164,7 +164,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m slurm.submit",
         description="Fill a slurm/ template's #SBATCH lines and submit it with sbatch.",
-        epilog="Arguments after -- (recipe and overrides) are passed to the script.",
+        epilog="Arguments after -- (a recipe and overrides) are passed to the script: list the"
+        " recipes with python -m train.recipes.",
     )
     p.add_argument("--template", required=True, help=f"one of {', '.join(TEMPLATES)}, or a path")
     p.add_argument("--job-name", help="--job-name (names the log file)")

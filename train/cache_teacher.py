@@ -17,7 +17,6 @@ Exit codes: 0 done, 2 bad configuration or input.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import itertools
 import json
@@ -29,8 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.cli import user_error
+from train.cli import EXIT_OK, EXIT_USAGE, exit_codes_help, print_config, recipe_parser, user_error
 from train.config import ConfigError, RunConfig, load_config
+from train.recipes import recipes_help
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -151,14 +151,16 @@ def cache_teacher(cfg: RunConfig, batch_size: int, num_workers: int, dtype: str)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Cache a distillation teacher's embeddings.")
-    parser.add_argument("recipe", help="a distil recipe file, or a name in train/recipes/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.cache=DIR")
+    parser = recipe_parser(
+        "python -m train.cache_teacher",
+        "Cache a distillation teacher's embeddings once (method.cache: the output folder,\n"
+        "beside the shards), for cheap repeated student runs of the same distil recipe.",
+        recipes_help("distil") + "\n" + exit_codes_help(EXIT_OK, EXIT_USAGE),
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     import models.methods.distil  # noqa: F401  (registers the distil method)
 
     try:
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"method.name={cfg.method.name!r}: a distil recipe is needed")
         if not cfg.method.cache or not cfg.method.teacher:  # type: ignore[attr-defined]
             raise ConfigError("set method.teacher and method.cache (the output directory)")
+        if args.print_config:
+            return print_config(cfg)
         print(cache_teacher(cfg, args.batch_size, args.num_workers, args.dtype), flush=True)
     except ValueError as e:  # ConfigError included
         return user_error(e)

@@ -358,10 +358,13 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = parse_value(text.strip())
 
 
-def resolve_recipe_path(recipe: str) -> Path:
+def resolve_recipe_path(recipe: str, relative_to: Path | None = None) -> Path:
+    """A recipe path or name; ``relative_to``: the folder of the recipe that extends it."""
     path = Path(recipe)
-    if path.is_file():
-        return path
+    candidates = [path] if relative_to is None else [relative_to / path, path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
     named = RECIPES_DIR / f"{recipe}.toml"
     if named.is_file():
         return named
@@ -369,14 +372,43 @@ def resolve_recipe_path(recipe: str) -> Path:
     raise ConfigError(f"recipe {recipe!r} not found (a path, or one of: {', '.join(available)})")
 
 
-def load_raw(recipe: str | None, overrides: list[str]) -> dict[str, Any]:
-    raw: dict[str, Any] = {}
-    if recipe:
-        path = resolve_recipe_path(recipe)
+def merge_tables(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: tables merge key by key, any other value replaces the base's."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_tables(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_recipe(recipe: str, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's tables, with ``base = "other"`` (a name or a path) deep-merged beneath them."""
+    if not chain:
+        path = resolve_recipe_path(recipe).resolve()
+    else:
         try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"recipe {path}: {e}") from None
+            path = resolve_recipe_path(recipe, chain[-1].parent).resolve()
+        except ConfigError:
+            raise ConfigError(f"recipe {chain[-1].stem}: base {recipe!r} not found") from None
+    if path in chain:
+        cycle = " -> ".join(p.stem for p in (*chain, path))
+        raise ConfigError(f"recipe {chain[0].stem}: base recipes form a cycle: {cycle}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {path}: {e}") from None
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"recipe {path.stem}: base must be a recipe name or path, got {base!r}")
+    return merge_tables(read_recipe(base, (*chain, path)), raw)
+
+
+def load_raw(recipe: str | None, overrides: list[str]) -> dict[str, Any]:
+    raw: dict[str, Any] = read_recipe(recipe) if recipe else {}
     for item in overrides:
         apply_override(raw, item)
     return raw

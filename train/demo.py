@@ -7,14 +7,12 @@ which is several times faster there; extra arguments are passed on as overrides.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from data_pipelines.synthetic import write_default_dataset
-from train.cli import user_error
+from train.cli import EXIT_OK, EXIT_REQUEUE, EXIT_USAGE, exit_codes_help, user_error
 from train.config import load_config
 
 DATA = Path("data/default")
@@ -29,7 +27,22 @@ def cpu_has_native_bf16() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    overrides = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m train.demo",
+        description=(
+            "The demo: writes the embedded default data set to data/default/ when missing, then\n"
+            "pretrains the mae_vit_tiny_demo recipe (ViT-tiny MAE, 32 px) in this process and\n"
+            "prints where the logs, checkpoints and exported encoder are."
+        ),
+        epilog=exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_REQUEUE),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
+    overrides = list(parser.parse_args(argv).overrides)
+    import torch
+
+    from data_pipelines.synthetic import write_default_dataset
+
     if not (DATA / "train" / "index.json").is_file():
         write_default_dataset(DATA)
     if not torch.cuda.is_available() and not cpu_has_native_bf16():

@@ -8,11 +8,26 @@ or ``srun`` (slurm/distil.sbatch). Exit codes as train.pretrain: 0, 2, 75.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from train.cli import user_error
+from train.cli import (
+    EXIT_OK,
+    EXIT_REQUEUE,
+    EXIT_USAGE,
+    exit_codes_help,
+    print_config,
+    recipe_parser,
+    stdout_for,
+    user_error,
+)
 from train.config import ConfigError, RunConfig, load_config
+from train.recipes import recipes_help
+
+DESCRIPTION = (
+    "Distil a frozen pretrained teacher (method.teacher: a run directory or an exported\n"
+    "encoder) into an edge student (a timm CNN, MobileNetV3 by default) on the pretraining\n"
+    "trainer. One process, or under torchrun / deepspeed --module / srun."
+)
 
 
 def check_distil(cfg: RunConfig) -> None:
@@ -35,28 +50,31 @@ def check_distil(cfg: RunConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Distillation into an edge student.")
-    parser.add_argument("recipe", help="a distil recipe file, or a name in train/recipes/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.w_patch=1")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser = recipe_parser(
+        "python -m train.distil",
+        DESCRIPTION,
+        recipes_help("distil") + "\n" + exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_REQUEUE),
+    )
+    args = parser.parse_intermixed_args(argv)
     import models.methods.distil  # noqa: F401  (registers the distil method)
 
     try:
-        cfg = load_config(args.recipe, args.overrides)
-        from train.ds_config import build_ds_config
+        with stdout_for(args.print_config):
+            cfg = load_config(args.recipe, args.overrides)
+            from train.ds_config import build_ds_config
 
-        build_ds_config(cfg, world_size=1)
-        check_distil(cfg)
+            build_ds_config(cfg, world_size=1)
+            check_distil(cfg)
     except ValueError as e:  # ConfigError included
         return user_error(e)
+    if args.print_config:
+        return print_config(cfg)
     from train.trainer import run
 
     try:
         return run(cfg)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(e)
 
 
 if __name__ == "__main__":

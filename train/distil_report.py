@@ -148,7 +148,10 @@ def write_report(rows: list[dict[str, Any]], settings: dict[str, Any], out: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Teacher vs distilled vs from-scratch student.")
+    parser = argparse.ArgumentParser(
+        prog="python -m train.distil_report",
+        description="Teacher vs distilled vs from-scratch student: k-NN, params, FLOPs, latency.",
+    )
     parser.add_argument(
         "--encoder",
         action="append",

@@ -8,40 +8,70 @@ Exit codes: 0 done, 2 bad configuration or input.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from train.cli import user_error
+from train.cli import (
+    EXIT_OK,
+    EXIT_REQUEUE,
+    EXIT_USAGE,
+    exit_codes_help,
+    print_config,
+    recipe_parser,
+    stdout_for,
+    user_error,
+)
+from train.recipes import recipes_help
 
 PROTOCOLS = ("knn", "linear", "finetune", "label-efficiency", "pictures")
+DESCRIPTION = """Evaluate a pretrained encoder (a run directory, a checkpoint, an exported
+encoder.safetensors or random:<timm name>) with one protocol:
+  knn               weighted and majority k-NN on frozen features, top-1/5
+  linear            linear probes on frozen features, several learning rates at once
+  label-efficiency  k-NN and linear at 1 % / 10 % / 100 % labels, pretrained vs random
+  pictures          t-SNE, MAE reconstructions, k-NN neighbours
+  finetune          full fine-tuning on the DeepSpeed trainer (finetune_* recipes)
+Results go to <output_dir>/<protocol>.json and .md."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate a pretrained encoder.")
-    parser.add_argument("protocol", choices=PROTOCOLS)
-    parser.add_argument("recipe", help="a recipe file, or a name in train/recipes/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. knn.k=10")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    import models.methods.finetune  # noqa: F401  (registers the finetune method)
-    from train.evaluation import protocols
+    parser = recipe_parser(
+        "python -m train.evaluate",
+        DESCRIPTION,
+        recipes_help("evaluate", "finetune")
+        + "\n\n"
+        + exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_REQUEUE),
+        command={
+            "choices": PROTOCOLS,
+            "metavar": "PROTOCOL",
+            "help": "one of " + ", ".join(PROTOCOLS),
+        },
+    )
+    args = parser.parse_intermixed_args(argv)
+    with stdout_for(args.print_config):
+        import models.methods.finetune  # noqa: F401  (registers the finetune method)
+        from train.evaluation import protocols
 
     try:
-        if args.protocol == "finetune":
+        if args.command == "finetune":
             from train.config import load_config
 
-            cfg = load_config(args.recipe, args.overrides)
+            with stdout_for(args.print_config):
+                cfg = load_config(args.recipe, args.overrides)
+            if args.print_config:  # the configuration, before its data and checkpoint are checked
+                return print_config(cfg)
             protocols.check_finetune(cfg)
             return protocols.run_finetune(cfg)
         from train.evaluation.config import load_eval_config
 
         eval_cfg = load_eval_config(args.recipe, args.overrides)
+        if args.print_config:
+            return print_config(eval_cfg)
         run = {
             "knn": protocols.run_knn,
             "linear": protocols.run_linear,
             "label-efficiency": protocols.run_label_efficiency,
             "pictures": protocols.run_pictures,
-        }[args.protocol]
+        }[args.command]
         run(eval_cfg)
     except ValueError as e:  # ConfigError included
         return user_error(e)

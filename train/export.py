@@ -7,40 +7,70 @@ Commands:
 * ``pipeline``: pretrain -> evaluate -> distil -> export, with a final report and plots
   (``train/recipes/export_pipeline_*.toml``; see train.edge.pipeline).
 
-Exit codes: 0 done, 2 bad configuration or input, 3 the INT8 model lost more than
-``verify.max_drop`` points (unless ``--accept-drop``), other: a failed stage.
+Exit codes (train.cli): 0 done, 2 bad configuration or input, 3 the INT8 model lost more than
+``verify.max_drop`` points (unless ``--accept-drop``), 4 a pipeline stage failed (its
+report.md says which and why), 75 a pipeline stage was stopped by a signal (run again).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from train.cli import user_error
+from train.cli import (
+    EXIT_OK,
+    EXIT_REQUEUE,
+    EXIT_STAGE,
+    EXIT_USAGE,
+    EXIT_VERIFY,
+    exit_codes_help,
+    print_config,
+    recipe_parser,
+    user_error,
+)
+from train.recipes import recipes_help
+
+DESCRIPTION = """INT8 quantization and edge export, one of two commands:
+  artefact  an encoder (model.checkpoint: a run directory or exported encoder) to FP32 ONNX,
+            INT8 ONNX (ONNX Runtime static QDQ), verified against PyTorch, with infer.py,
+            MODEL_CARD.md and report.md in one folder
+  pipeline  pretrain -> evaluate -> distil -> artefact in one command, with report.md"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="INT8 quantization and edge export.")
-    parser.add_argument("command", choices=("artefact", "pipeline"))
-    parser.add_argument("recipe", help="a recipe file, or a name in train/recipes/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quant.format=qdq")
+    parser = recipe_parser(
+        "python -m train.export",
+        DESCRIPTION,
+        recipes_help("export", "pipeline")
+        + "\n"
+        + exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_VERIFY, EXIT_STAGE, EXIT_REQUEUE),
+        command={
+            "choices": ("artefact", "pipeline"),
+            "metavar": "COMMAND",
+            "help": "artefact or pipeline",
+        },
+    )
     parser.add_argument(
         "--accept-drop",
         action="store_true",
         help="exit 0 even when INT8 loses more than verify.max_drop",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         if args.command == "pipeline":
-            from train.edge.pipeline import load_pipeline_config, run_pipeline
+            from train.edge.pipeline import check_recipes, load_pipeline_config, run_pipeline
 
-            return run_pipeline(
-                load_pipeline_config(args.recipe, args.overrides), accept_drop=args.accept_drop
-            )
+            pcfg = load_pipeline_config(args.recipe, args.overrides)
+            check_recipes(pcfg)
+            if args.print_config:
+                return print_config(pcfg)
+            return run_pipeline(pcfg, accept_drop=args.accept_drop)
         from train.edge.config import load_export_config
-        from train.edge.run import EXIT_DROP, run_export
+        from train.edge.run import run_export
 
-        report = run_export(load_export_config(args.recipe, args.overrides))
+        ecfg = load_export_config(args.recipe, args.overrides)
+        if args.print_config:
+            return print_config(ecfg)
+        report = run_export(ecfg)
     except ValueError as e:  # ConfigError included
         return user_error(e)
     if not report["passed"]:
@@ -49,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             + (" (accepted by --accept-drop)" if args.accept_drop else ""),
             file=sys.stderr,
         )
-        return 0 if args.accept_drop else EXIT_DROP
-    return 0
+        return EXIT_OK if args.accept_drop else EXIT_VERIFY
+    return EXIT_OK
 
 
 if __name__ == "__main__":

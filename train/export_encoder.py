@@ -55,7 +55,9 @@ def export_encoder(path: Path, out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m train.export_encoder", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("path", type=Path, help="run directory or checkpoint directory")
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/export")
     args = parser.parse_args(argv)

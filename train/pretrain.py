@@ -1,31 +1,50 @@
 """``python -m train.pretrain RECIPE [section.key=value ...]``: pretrain one model.
 
-Launch it as is (one process), or under ``torchrun``, ``deepspeed`` or ``srun``.
+Launch it as is (one process), or under ``torchrun``, ``deepspeed --module`` or ``srun``.
 Exit codes: 0 done, 2 bad configuration or input, 75 stopped by a signal after a checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from train.cli import user_error
+from train.cli import (
+    EXIT_OK,
+    EXIT_REQUEUE,
+    EXIT_USAGE,
+    exit_codes_help,
+    print_config,
+    recipe_parser,
+    stdout_for,
+    user_error,
+)
 from train.config import load_config
+from train.recipes import recipes_help
+
+DESCRIPTION = (
+    "Self-supervised pretraining (MAE, SimCLR, MoCo v3, BYOL, SimSiam, DINO) on DeepSpeed:\n"
+    "a recipe plus dotted overrides; writes a run directory (config, TensorBoard, JSONL,\n"
+    "checkpoints, exported encoder). One process, or under torchrun / deepspeed --module / srun."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Self-supervised pretraining on DeepSpeed.")
-    parser.add_argument("recipe", help="a recipe file, or a name in train/recipes/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-4")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser = recipe_parser(
+        "python -m train.pretrain",
+        DESCRIPTION,
+        recipes_help("pretrain") + "\n\n" + exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_REQUEUE),
+    )
+    args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.recipe, args.overrides)
-        from train.ds_config import build_ds_config
+        with stdout_for(args.print_config):
+            cfg = load_config(args.recipe, args.overrides)
+            from train.ds_config import build_ds_config
 
-        build_ds_config(cfg, world_size=1)  # refuse a bad DeepSpeed config before any group
+            build_ds_config(cfg, world_size=1)  # refuse a bad DeepSpeed config before any group
     except ValueError as e:  # ConfigError included
         return user_error(e)
+    if args.print_config:
+        return print_config(cfg)
     from train.trainer import run
 
     try:

@@ -101,3 +101,32 @@ def test_pipeline_refuses_unknown_recipe_before_running(tmp_path: Path, capsys) 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "distil" in err[0] and "nope" in err[0]
     assert not root.exists()  # nothing ran
+
+
+def test_failing_stage_writes_the_report_and_exits_4(tmp_path: Path, capsys) -> None:
+    """A stage that fails (here evaluation of an encoder that does not exist) ends the chain
+    with exit code 4 and a report that names the stage, its own exit code and its error."""
+    from train.cli import EXIT_STAGE
+
+    root, missing = tmp_path / "chain", tmp_path / "no_such_run"
+    args = ["pipeline", "export_pipeline_demo", f"output_dir={root}", f"checkpoint={missing}"]
+    assert main([*args, "distil.enabled=false"]) == EXIT_STAGE
+    report = (root / "report.md").read_text()
+    assert "**Stage `evaluate` failed** (exit code 2): error:" in report
+    assert str(missing) in report.split("**Stage `evaluate` failed**")[1].splitlines()[0]
+    assert "| evaluate | 2 |" in report
+    assert not (root / "artefact_teacher").exists()  # nothing ran after the failed stage
+
+
+def test_failing_export_writes_the_report_and_exits_4(tmp_path: Path) -> None:
+    """The export runs in this process: its exception is recorded (traceback in a log file),
+    and the report says which export failed and why."""
+    from train.cli import EXIT_STAGE
+
+    root, missing = tmp_path / "chain", tmp_path / "no_such_run"
+    args = ["pipeline", "export_pipeline_demo", f"output_dir={root}", f"checkpoint={missing}"]
+    assert main([*args, "evaluate.enabled=false", "distil.enabled=false"]) == EXIT_STAGE
+    report = (root / "report.md").read_text()
+    line = report.split("**Stage `export teacher` failed** (exit code 2): ")[1].splitlines()[0]
+    assert str(missing) in line
+    assert "Traceback" in (root / "export_teacher.log").read_text()

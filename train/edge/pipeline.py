@@ -19,10 +19,12 @@ import json
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from train.cli import EXIT_OK, EXIT_REQUEUE, EXIT_STAGE, EXIT_USAGE, EXIT_VERIFY
 from train.config import ConfigError, build_dataclass, load_raw, resolve_recipe_path
 
 
@@ -64,13 +66,24 @@ def _fill(items: list[str], **values: str) -> list[str]:
     return [s.format(**values) for s in items]
 
 
-def _run(name: str, cmd: list[str], log: Path) -> int:
-    print(f"[pipeline] {name}: {' '.join(cmd)}", flush=True)
-    t0 = time.time()
-    with open(log, "w") as f:
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
-    print(f"[pipeline] {name}: exit {code} in {time.time() - t0:.0f} s (log: {log})", flush=True)
-    return code
+def _last_line(log: Path) -> str:
+    """The reason a stage gave: the last non-empty line of its log."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return f"no log at {log}"
+    return lines[-1] if lines else "no output"
+
+
+@dataclass
+class StageResult:
+    """What one stage did: its exit code, time, log and (when it failed) why."""
+
+    name: str
+    code: int
+    seconds: float
+    log: str
+    why: str = ""
 
 
 def check_recipes(cfg: PipelineConfig) -> None:
@@ -85,16 +98,88 @@ def check_recipes(cfg: PipelineConfig) -> None:
             raise ConfigError(f"pipeline stage {name}: {e}") from None
 
 
-def run_pipeline(cfg: PipelineConfig, accept_drop: bool = False) -> int:
-    """Run every enabled stage; returns 0, the first failing stage's code, or 3 (drop)."""
-    from train.edge.config import load_export_config
-    from train.edge.run import EXIT_DROP, run_export
+class _Chain:
+    """Runs the stages one after another, recording each one's :class:`StageResult`."""
 
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.results: list[StageResult] = []
+        self.stages: dict[str, dict[str, Any]] = {}
+        self.exports: dict[str, dict[str, Any]] = {}
+
+    def command(self, name: str, module: str, args: list[str]) -> bool:
+        """Run ``python -m module args`` into ``<root>/<name>.log``; True when it succeeded."""
+        cmd = [sys.executable, "-m", module, *args]
+        log = self.root / f"{name}.log"
+        print(f"[pipeline] {name}: {' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        with open(log, "w") as f:
+            code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        seconds = time.time() - t0
+        print(f"[pipeline] {name}: exit {code} in {seconds:.0f} s (log: {log})", flush=True)
+        why = _last_line(log) if code else ""
+        self.results.append(StageResult(name, code, seconds, str(log), why))
+        return code == 0
+
+    def export(self, name: str, ecfg: Any) -> dict[str, Any] | None:
+        """The export of one model, in this process; None (and a logged traceback) on failure."""
+        from train.edge.run import run_export
+
+        log = self.root / f"export_{name}.log"
+        t0 = time.time()
+        try:
+            report = run_export(ecfg)
+        except Exception as e:  # recorded in the report: the chain reports every failure
+            log.write_text(traceback.format_exc())
+            why = f"{type(e).__name__}: {e}".splitlines()[0]
+            code = EXIT_USAGE if isinstance(e, ValueError) else 1  # what the CLI would exit with
+            seconds = time.time() - t0
+            self.results.append(StageResult(f"export {name}", code, seconds, str(log), why))
+            print(f"[pipeline] export {name} failed: {why} (traceback: {log})", flush=True)
+            return None
+        code = 0 if report["passed"] else EXIT_VERIFY
+        why = "" if report["passed"] else f"INT8 accuracy drop {report['drop']:.2f} points"
+        self.results.append(StageResult(f"export {name}", code, time.time() - t0, "", why))
+        return report
+
+    def finish(self, code: int) -> int:
+        """Write the report (always) and return ``code``."""
+        write_report(self.root, self.stages, self.exports, self.results)
+        return code
+
+
+def _export_config(cfg: PipelineConfig, root: Path, name: str, spec: str) -> Any:
+    """The export stage's config for one model (``spec``: its encoder)."""
+    from train.edge.config import load_export_config
+
+    out = root / f"artefact_{name}"
+    return load_export_config(
+        cfg.export.recipe,
+        [
+            *_fill(cfg.export.overrides, out=str(out), root=str(root), encoder=spec),
+            f"model.checkpoint={spec}",
+            f"output_dir={out}",
+        ],
+    )
+
+
+def _stage_exit(chain: _Chain) -> int:
+    """A failed stage's code for the pipeline: 75 stays (run again to resume), else 4."""
+    return EXIT_REQUEUE if chain.results[-1].code == EXIT_REQUEUE else EXIT_STAGE
+
+
+def run_pipeline(cfg: PipelineConfig, accept_drop: bool = False) -> int:
+    """Run every enabled stage and write ``report.md`` whatever happens.
+
+    Returns 0, 2 (this configuration is wrong: nothing ran), 3 (an INT8 model lost more
+    than its accepted drop), 4 (a stage failed: the report says which and why) or 75 (a
+    stage was stopped by a signal after a checkpoint: run the same command to resume).
+    """
     check_recipes(cfg)
     root = Path(cfg.output_dir)
+    _export_config(cfg, root, "teacher", cfg.checkpoint or str(root / "pretrain"))  # a check
     root.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    stages: dict[str, dict[str, Any]] = {}
+    chain = _Chain(root)
     encoder = cfg.checkpoint
     if not encoder:
         out = root / "pretrain"
@@ -102,61 +187,42 @@ def run_pipeline(cfg: PipelineConfig, accept_drop: bool = False) -> int:
             *_fill(cfg.pretrain.overrides, out=str(out), root=str(root), encoder=""),
             f"train.output_dir={out}",
         ]
-        code = _run(
-            "pretrain",
-            [py, "-m", "train.pretrain", cfg.pretrain.recipe, *args],
-            root / "pretrain.log",
-        )
-        if code:
-            return code
+        chain.stages["pretrain"] = {"dir": str(out)}
+        if not chain.command("pretrain", "train.pretrain", [cfg.pretrain.recipe, *args]):
+            return chain.finish(_stage_exit(chain))
         encoder = str(out)
-        stages["pretrain"] = {"dir": str(out)}
     if cfg.evaluate.enabled:
         out = root / "evaluate"
         args = [
+            "knn",
+            cfg.evaluate.recipe,
             *_fill(cfg.evaluate.overrides, out=str(out), root=str(root), encoder=encoder),
             f"encoder.checkpoint={encoder}",
             f"output_dir={out}",
         ]
-        code = _run(
-            "evaluate",
-            [py, "-m", "train.evaluate", "knn", cfg.evaluate.recipe, *args],
-            root / "evaluate.log",
-        )
-        if code:
-            return code
-        stages["evaluate"] = {"dir": str(out)}
+        chain.stages["evaluate"] = {"dir": str(out)}
+        if not chain.command("evaluate", "train.evaluate", args):
+            return chain.finish(_stage_exit(chain))
     student = ""
     if cfg.distil.enabled:
         out = root / "distil"
         args = _fill(cfg.distil.overrides, out=str(out), root=str(root), encoder=encoder)
-        code = _run(
-            "distil", [py, "-m", "train.distil", cfg.distil.recipe, *args], root / "distil.log"
-        )
-        if code:
-            return code
+        chain.stages["distil"] = {"dir": str(out)}
+        if not chain.command("distil", "train.distil", [cfg.distil.recipe, *args]):
+            return chain.finish(_stage_exit(chain))
         student = (cfg.distil.result or "{out}").format(out=out, root=root, encoder=encoder)
-        stages["distil"] = {"dir": str(out), "student": student}
-    exports: dict[str, dict[str, Any]] = {}
+        chain.stages["distil"]["student"] = student
     targets = [("teacher", encoder)] if cfg.export_teacher or not student else []
     targets += [("student", student)] if student else []
-    worst = 0
+    worst = EXIT_OK
     for name, spec in targets:
-        out = root / f"artefact_{name}"
-        ecfg = load_export_config(
-            cfg.export.recipe,
-            [
-                *_fill(cfg.export.overrides, out=str(out), root=str(root), encoder=spec),
-                f"model.checkpoint={spec}",
-                f"output_dir={out}",
-            ],
-        )
-        report = run_export(ecfg)
-        exports[name] = {"dir": str(out), "report": report}
+        report = chain.export(name, _export_config(cfg, root, name, spec))
+        if report is None:
+            return chain.finish(EXIT_STAGE)
+        chain.exports[name] = {"dir": str(root / f"artefact_{name}"), "report": report}
         if not report["passed"] and not accept_drop:
-            worst = EXIT_DROP
-    write_report(root, stages, exports)
-    return worst
+            worst = EXIT_VERIFY
+    return chain.finish(worst)
 
 
 # ---------------------------------------------------------------- report and plots
@@ -190,7 +256,29 @@ def _knn_top1(eval_dir: Path) -> float | None:
     return None
 
 
-def write_report(root: Path, stages: dict[str, Any], exports: dict[str, Any]) -> Path:
+def _stage_lines(results: list[StageResult]) -> list[str]:
+    """The stages table, and which stage failed and why."""
+    lines = [
+        "## Stages",
+        "",
+        "| stage | exit code | time (s) | log |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    lines += [f"| {r.name} | {r.code} | {r.seconds:.0f} | {r.log} |" for r in results]
+    failed = [r for r in results if r.code]
+    for r in failed:
+        lines += ["", f"**Stage `{r.name}` failed** (exit code {r.code}): {r.why}"]
+    if not failed:
+        lines += ["", "Every stage succeeded."]
+    return [*lines, ""]
+
+
+def write_report(
+    root: Path,
+    stages: dict[str, Any],
+    exports: dict[str, Any],
+    results: list[StageResult] | None = None,
+) -> Path:
     """``report.md`` and ``losses.png``, ``accuracy.png``, ``latency_size.png`` in ``root``."""
     import matplotlib
 
@@ -198,7 +286,7 @@ def write_report(root: Path, stages: dict[str, Any], exports: dict[str, Any]) ->
     import matplotlib.pyplot as plt
 
     root.mkdir(parents=True, exist_ok=True)
-    lines = ["# Pipeline report", ""]
+    lines = ["# Pipeline report", "", *_stage_lines(results or [])]
     fig, ax = plt.subplots(figsize=(6, 4))
     plotted = False
     for name in ("pretrain", "distil"):

@@ -217,3 +217,19 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     assert "no images found" in capsys.readouterr().err
+
+
+def test_all_paths_missing_fails_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A list whose every image is missing wrote 0 samples and exited 0; now it is an error."""
+    listing = tmp_path / "list.csv"
+    listing.write_text("".join(f"{tmp_path / f'gone{i}.jpg'},cat\n" for i in range(3)))
+    out = tmp_path / "out"
+    assert main([str(listing), "--out", str(out), "--workers", "1"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "wrote 0 samples" in err[0] and "3 inputs" in err[0], err
+    assert "gone" in err[0]
+    assert not list(out.glob("*.tar")) and not (out / "index.json").exists()
+    assert "wrote 0 samples" not in captured.out
