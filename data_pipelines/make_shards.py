@@ -40,7 +40,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipelines.decode import CorruptSample, decode_image
-from data_pipelines.shard_index import INDEX_NAME, load_index_json
+from data_pipelines.shard_index import INDEX_NAME, WIDS_INDEX_NAME, load_index_json, wids_index
 from data_pipelines.tar_samples import read_samples
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -296,7 +296,8 @@ def write_shards(
     read: Callable[[str], bytes] = read_file,
     options: dict | None = None,
 ) -> dict:
-    """Write ``out_dir/{prefix}-%06d.tar`` and ``out_dir/index.json``; return the index."""
+    """Write ``out_dir/{prefix}-%06d.tar``, ``out_dir/index.json`` and the same counts as a
+    wids index (``out_dir/wids-index.json``); return the index.json content."""
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
     if max_bytes is not None and max_bytes < 1:
@@ -359,6 +360,9 @@ def write_shards(
     }
     with open(out_dir / INDEX_NAME, "w") as f:
         json.dump(index, f, indent=1)
+        f.write("\n")
+    with open(out_dir / WIDS_INDEX_NAME, "w") as f:  # the format other webdataset tools read
+        json.dump(wids_index(records, prefix, classes), f, indent=1)
         f.write("\n")
     return index
 

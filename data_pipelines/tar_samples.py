@@ -17,9 +17,11 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO
 
 from webdataset.tariterators import base_plus_ext
+
+from data_pipelines.shard_source import open_stream
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -82,20 +84,61 @@ def _pax_path(data: bytes) -> tuple[str | None, int | None]:
     return path, size
 
 
-def iter_members(f: BinaryIO) -> Iterator[tuple[TarMember, Callable[[], bytes]]]:
-    """(member, read) for every regular file of the tar stream ``f``, in order. ``read()``
-    returns the member's bytes; members whose ``read`` is not called are skipped unread.
+class _Cursor:
+    """Positioned reads of a tar: seeks on a file, reads and discards forward on a stream
+    (a pipe, an HTTP or S3 body), so skipped members cost bandwidth but never decoding."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f = f
+        self.seekable = f.seekable()
+        self.end = f.seek(0, 2) if self.seekable else None
+        self.pos = 0
+        if self.seekable:
+            f.seek(0)
+
+    def goto(self, offset: int) -> None:
+        """Move to ``offset``; ``EOFError`` when the data ends before it."""
+        if self.end is not None:
+            if offset > self.end:
+                raise EOFError("unexpected end of data")
+            if offset != self.pos:
+                self.f.seek(offset)
+            self.pos = offset
+            return
+        assert offset >= self.pos, "a stream cannot go back"
+        while self.pos < offset:
+            chunk = self.f.read(min(offset - self.pos, _READ_SIZE))
+            if not chunk:
+                raise EOFError("unexpected end of data")
+            self.pos += len(chunk)
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes (fewer only at the end of the data)."""
+        data = self.f.read(size)
+        while self.end is None and data and len(data) < size:  # streams may return short reads
+            more = self.f.read(size - len(data))
+            if not more:
+                break
+            data += more
+        self.pos += len(data)
+        return data
+
+
+def iter_members(f: IO[bytes]) -> Iterator[tuple[TarMember, Callable[[], bytes]]]:
+    """(member, read) for every regular file of the tar ``f``, in order. ``read()``
+    returns the member's bytes; members whose ``read`` is not called are skipped unread
+    (on a forward-only stream, ``read`` must be called before the next member is taken).
     Raises ``tarfile.TarError`` on a damaged header, ``EOFError`` on a truncated archive."""
     long_name: str | None = None
     pax_path: str | None = None
     pax_size: int | None = None
-    end = f.seek(0, 2)
+    cursor = _Cursor(f)
     offset = 0  # of the next header, from the start of f
     while True:
-        if offset == end and offset > 0:
+        cursor.goto(offset)
+        header = cursor.read(BLOCK)
+        if not header and offset > 0:
             return  # archive ends without its zero blocks: tolerated, as tarfile does
-        f.seek(offset)
-        header = f.read(BLOCK)
         if len(header) < BLOCK:
             raise EOFError("unexpected end of data")
         if header.count(0) == BLOCK:
@@ -107,7 +150,7 @@ def iter_members(f: BinaryIO) -> Iterator[tuple[TarMember, Callable[[], bytes]]]
         data_start = offset + BLOCK
         offset = data_start + -(-size // BLOCK) * BLOCK
         if kind in (b"L", b"x", b"g"):  # GNU long name, pax header, pax global header
-            data = f.read(size)
+            data = cursor.read(size)
             if len(data) < size:
                 raise EOFError("unexpected end of data")
             if kind == b"L":
@@ -132,8 +175,8 @@ def iter_members(f: BinaryIO) -> Iterator[tuple[TarMember, Callable[[], bytes]]]
             continue
 
         def read(start: int = data_start, size: int = size) -> bytes:
-            f.seek(start)
-            data = f.read(size)
+            cursor.goto(start)
+            data = cursor.read(size)
             if len(data) < size:
                 raise EOFError("unexpected end of data")
             return data
@@ -143,7 +186,7 @@ def iter_members(f: BinaryIO) -> Iterator[tuple[TarMember, Callable[[], bytes]]]
 
 def _members(path: str) -> Iterator[tuple[Callable[[], bytes], str, str]]:
     """(read, key, extension) for every regular file, in tar order."""
-    with open(path, "rb", buffering=_READ_SIZE) as f:
+    with open_stream(path) as f:
         for member, read in iter_members(f):
             key, ext = base_plus_ext(member.name)
             if key is None:

@@ -31,8 +31,10 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
         "train/train-000000.tar",
         "train/train-000001.tar",
         "train/train-000002.tar",
+        "train/wids-index.json",
         "val/index.json",
         "val/val-000000.tar",
+        "val/wids-index.json",
     ]
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
