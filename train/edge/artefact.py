@@ -4,6 +4,12 @@
 
     <out>/model.int8.onnx  model.fp32.onnx  [model.fp32.pt]  preprocess.json  [classes.json]
           report.json  report.md  MODEL_CARD.md  infer.py
+
+Each ONNX file also describes itself in its ``metadata_props`` (:func:`model_metadata`):
+preprocessing, input and output names and shapes, class names or embedding size, the INT8
+scheme, the source checkpoint and the verification result, each a JSON string. ONNX
+Runtime (``get_modelmeta().custom_metadata_map``) and OpenVINO (``rt_info["framework"]``)
+both expose them, so ``infer.py`` needs nothing but the model file.
 """
 
 from __future__ import annotations
@@ -13,28 +19,61 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
+from train.edge.onnx_export import INPUT_NAME, OUTPUT_NAME
+from train.edge.preprocessing import deployment_spec
 
 INFER = Path(__file__).resolve().parent / "infer.py"
 
 
 def preprocess_spec(img_size: int, output: str) -> dict[str, Any]:
-    """What ``build_transform("eval", img_size)`` does, stated for any runtime."""
-    return {
-        "input_name": "input",
-        "input_size": img_size,
-        "resize": round(img_size / 0.875),
-        "resize_rule": "shorter side to `resize`, aspect kept",
-        "interpolation": "bicubic",
-        "crop": "center",
-        "scale": "pixel / 255",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "channel_order": "RGB",
-        "layout": "NCHW",
-        "dtype": "float32",
-        "output": output,
+    """The deployment preprocessing (:func:`deployment_spec`) and what the model outputs."""
+    return {**deployment_spec(img_size), "output": output}
+
+
+def model_metadata(
+    model_file: str,
+    img_size: int,
+    report: dict[str, Any],
+    meta: dict[str, Any],
+    classes: list[str] | None,
+) -> dict[str, str]:
+    """The ``metadata_props`` of one model file of the artefact (values are JSON)."""
+    out_dim = report["output_dim"]
+    entries: dict[str, Any] = {
+        "preprocess": preprocess_spec(img_size, report["output"]),
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, img_size, img_size]},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", out_dim], "kind": report["output"]},
+        "scheme": "fp32" if model_file.endswith("fp32.onnx") else report["scheme"],
+        "source": meta.get("source", ""),
+        "verification": {
+            "verdict": report["verdict"],
+            "task": report["task"],
+            "fp32_accuracy": report["models"]["fp32"]["accuracy"],
+            "int8_accuracy": report["models"]["int8"]["accuracy"],
+            "drop": report["drop"],
+            "speedup": report["speedup"],
+            "runtime": report["runtime"],
+            "cpu": report["cpu"],
+        },
     }
+    if report["output"] == "logits":
+        entries["classes"] = list(classes or [])
+    else:
+        entries["embedding_dim"] = out_dim
+    return {k: json.dumps(v) for k, v in entries.items()}
+
+
+def write_metadata(path: Path, props: dict[str, str]) -> None:
+    """Set ``metadata_props`` of an ONNX file in place (other entries kept)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    kept = [(e.key, e.value) for e in proto.metadata_props if e.key not in props]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *props.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
 
 
 def model_card(report: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -59,6 +98,8 @@ def model_card(report: dict[str, Any], meta: dict[str, Any]) -> str:
             f"- ONNX exporter: {meta.get('exporter', '?')}; opset {meta.get('opset', '?')}.",
             "",
             "## Quantization",
+            f"- Scheme {q.get('scheme', '?')} (chosen by measurement among "
+            f"{', '.join(report.get('schemes', {})) or 'one'}).",
             f"- ONNX Runtime static INT8, format {q.get('format', '?')}, activations "
             f"{q.get('activation_type', '?')} (symmetric: {q.get('symmetric_activations')}), "
             f"per-channel int8 weights: {q.get('per_channel')}, "
@@ -74,12 +115,15 @@ def model_card(report: dict[str, Any], meta: dict[str, Any]) -> str:
             f"{int8['agreement']:.2f}%).",
             f"- Size: FP32 {fp32['size_bytes'] / 1024:.0f} KiB, INT8 "
             f"{int8['size_bytes'] / 1024:.0f} KiB ({report['size_ratio']:.2f}x).",
-            f"- Latency (ONNX Runtime, {report['threads']} thread(s), {report['cpu']}): {lat}.",
+            f"- Latency ({report['runtime']}, {report['threads']} thread(s), {report['cpu']}): "
+            f"{lat}.",
+            f"- Verdict: {report['verdict']}.",
             "",
             "## Use",
             "```",
-            "pip install onnxruntime numpy pillow",
-            "python infer.py image.jpg [more images] [--fp32]",
+            "pip install onnxruntime pillow      # or: pip install openvino pillow",
+            "python infer.py image.jpg [more images] [--fp32] [--runtime openvino]",
+            "python infer.py --model model.int8.onnx image.jpg   # a lone model file is enough",
             "```",
             "",
             "## Limits",
@@ -110,6 +154,8 @@ def write_artefact(
             shutil.copyfile(src, out / name)
     if torchscript is not None and Path(torchscript).resolve() != (out / "model.fp32.pt").resolve():
         shutil.copyfile(torchscript, out / "model.fp32.pt")
+    for name in ("model.fp32.onnx", "model.int8.onnx"):
+        write_metadata(out / name, model_metadata(name, img_size, report, meta, classes))
     (out / "preprocess.json").write_text(
         json.dumps(preprocess_spec(img_size, report["output"]), indent=2) + "\n"
     )

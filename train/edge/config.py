@@ -104,6 +104,9 @@ class ExportConfig:
     """ONNX exporter: auto (dynamo, else TorchScript-based), dynamo or torchscript."""
     opset: int = 18
     """ONNX opset."""
+    fp32_rtol: float = 1e-4
+    """Accepted FP32 ONNX / TorchScript difference from PyTorch, relative to the output
+    scale (largest |output|, at least 1)."""
     torchscript: bool = True
     """Also write model.fp32.pt (torch.jit.trace)."""
     compare_formats: bool = False
@@ -112,6 +115,8 @@ class ExportConfig:
     """Also quantize with torchao's PT2E (X86InductorQuantizer) and report its accuracy."""
 
     def __post_init__(self) -> None:
+        if not self.fp32_rtol > 0:
+            raise ConfigError(f"fp32_rtol must be > 0, got {self.fp32_rtol}")
         if self.exporter not in EXPORTERS:
             raise ConfigError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}")
 

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 EXPORTERS = ("auto", "dynamo", "torchscript")
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
-FP32_ATOL = 1e-4
+FP32_RTOL = 1e-4
+"""Accepted FP32 difference from PyTorch, relative to the output scale (largest |output|):
+float rounding grows with the values (2.8e-4 on the demo student, whose outputs reach 30)."""
 
 
 class InferenceModel(nn.Module):
@@ -118,12 +120,13 @@ def export_onnx(
     exporter: str = "auto",
     opset: int = 18,
     check: bool = True,
-    atol: float = FP32_ATOL,
+    rtol: float = FP32_RTOL,
 ) -> ExportResult:
     """Write ``model`` (eval mode) as FP32 ONNX with a dynamic batch axis; check it with ORT.
 
     ``exporter="auto"`` tries the dynamo exporter and falls back to the TorchScript-based one
-    with a logged note. Raises ``ValueError`` when ONNX Runtime differs by ``atol`` or more.
+    with a logged note. Raises ``ValueError`` when ONNX Runtime differs from PyTorch by
+    ``rtol`` times the largest |output| or more.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -148,7 +151,7 @@ def export_onnx(
         _export_torchscript(model, x, path, opset)
     result = ExportResult(path, used, note)
     if check:
-        result.max_abs_diff = check_onnx(model, path, img_size, atol=atol)
+        result.max_abs_diff = check_onnx(model, path, img_size, rtol=rtol)
     return result
 
 
@@ -175,23 +178,33 @@ def run_onnx(session: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarr
 
 @torch.no_grad()
 def check_onnx(
-    model: nn.Module, path: Path, img_size: int, *, batch: int = 3, atol: float = FP32_ATOL
+    model: nn.Module, path: Path, img_size: int, *, batch: int = 3, rtol: float = FP32_RTOL
 ) -> float:
-    """Max abs difference PyTorch vs ONNX Runtime on a batch size not used at export."""
+    """Max abs difference PyTorch vs ONNX Runtime on a batch size not used at export; must
+    stay under ``rtol`` times the output scale (largest |output|, at least 1)."""
     x = _example(img_size, batch, seed=1)
     ref = model.eval()(x).numpy()
     got = run_onnx(ort_session(path), x.numpy())
     if got.shape != ref.shape:
         raise ValueError(f"{path}: output shape {got.shape}, PyTorch gives {ref.shape}")
     diff = float(np.abs(got - ref).max())
-    if not diff < atol:
-        raise ValueError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} >= {atol}")
+    tol = tolerance(ref, rtol)
+    if not diff < tol:
+        raise ValueError(
+            f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} >= {tol:.2e} "
+            f"({rtol} x output scale {tol / rtol:.3g}; fp32_rtol sets it)"
+        )
     return diff
+
+
+def tolerance(ref: np.ndarray, rtol: float) -> float:
+    """``rtol`` times the output scale: the largest |output|, at least 1."""
+    return rtol * max(1.0, float(np.abs(ref).max()))
 
 
 @torch.no_grad()
 def export_torchscript(
-    model: nn.Module, path: Path, img_size: int, atol: float = FP32_ATOL
+    model: nn.Module, path: Path, img_size: int, rtol: float = FP32_RTOL
 ) -> Path:
     """``torch.jit.trace`` of the inference path, saved and checked on another batch size."""
     model.eval()
@@ -202,7 +215,9 @@ def export_torchscript(
         traced = torch.jit.trace(model, _example(img_size), check_trace=False)
     traced.save(str(path))
     x = _example(img_size, 3, seed=1)
-    diff = float((torch.jit.load(str(path))(x) - model(x)).abs().max())
-    if not diff < atol:
-        raise ValueError(f"{path}: TorchScript differs from PyTorch by {diff:.2e} >= {atol}")
+    ref = model(x)
+    diff = float((torch.jit.load(str(path))(x) - ref).abs().max())
+    tol = tolerance(ref.numpy(), rtol)
+    if not diff < tol:
+        raise ValueError(f"{path}: TorchScript differs from PyTorch by {diff:.2e} >= {tol:.2e}")
     return path

@@ -26,6 +26,18 @@ FORMATS = ("qdq", "qoperator")
 ACTIVATION_TYPES = ("int8", "uint8")
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 FLOAT_OUTPUTS = ("logits", "always", "never")
+SCHEMES: dict[str, dict[str, Any]] = {
+    "u8s8": {"activation_type": "uint8", "symmetric_activations": False, "reduce_range": False},
+    "s8s8": {"activation_type": "int8", "symmetric_activations": True, "reduce_range": False},
+    "u8s8_rr": {"activation_type": "uint8", "symmetric_activations": False, "reduce_range": True},
+}
+"""The INT8 schemes the export can measure side by side (``quant.schemes``). All are QDQ
+with per-channel symmetric int8 weights; the activations decide the integer kernels a CPU
+runs. ``u8s8``: asymmetric uint8 activations, ONNX Runtime's fast x86 path (u8 x s8 with
+VNNI ``vpdpbusd`` or AVX2 ``vpmaddubsw``). ``s8s8``: symmetric int8 activations, native on
+ARM and OpenVINO, but without a kernel of that speed in ONNX Runtime on x86 without AMX
+(0.26x of FP32 measured for the MobileNetV3 student). ``u8s8_rr``: ``u8s8`` with 7-bit
+weights (``reduce_range``), which avoids ``vpmaddubsw``'s int16 saturation without VNNI."""
 
 
 @dataclass
@@ -49,6 +61,10 @@ class QuantSettings:
     (AVX2's vpmaddubsw), as ONNX Runtime advises for such CPUs, at some precision."""
     exclude: list[str] = field(default_factory=list)
     """ONNX node names kept in float."""
+    schemes: list[str] = field(default_factory=list)
+    """INT8 schemes (:data:`SCHEMES`) quantized, verified and timed side by side; the
+    artefact ships the fastest that meets the accuracy bounds. Empty: only the settings
+    above (scheme ``custom`` unless they match one)."""
     float_outputs: str = "logits"
     """Keep the last Conv/MatMul/Gemm before each graph output in float: ``logits`` (for
     models with a classification head: 8-bit rounding of the logits flips close argmaxes,
@@ -70,10 +86,27 @@ class QuantSettings:
             )
         if self.calibration_images < 1:
             raise ValueError("quant.calibration_images must be >= 1")
+        unknown = sorted(set(self.schemes) - set(SCHEMES))
+        if unknown:
+            raise ValueError(f"quant.schemes: unknown {unknown}; choose from {sorted(SCHEMES)}")
         if self.float_outputs not in FLOAT_OUTPUTS:
             raise ValueError(
                 f"quant.float_outputs must be one of {FLOAT_OUTPUTS}, got {self.float_outputs!r}"
             )
+
+    def for_scheme(self, name: str) -> QuantSettings:
+        """These settings with the activation choices of scheme ``name`` (QDQ format)."""
+        if name not in SCHEMES:
+            raise ValueError(f"unknown INT8 scheme {name!r}; choose from {sorted(SCHEMES)}")
+        return QuantSettings(**{**self.__dict__, **SCHEMES[name], "format": "qdq", "schemes": []})
+
+    @property
+    def scheme(self) -> str:
+        """The name of the scheme these settings follow, or ``custom``."""
+        for name, fields in SCHEMES.items():
+            if self.format == "qdq" and all(getattr(self, k) == v for k, v in fields.items()):
+                return name
+        return "custom"
 
     def outputs_in_float(self, kind: str) -> bool:
         """Whether the layers before the outputs of a ``kind`` model (``logits`` or

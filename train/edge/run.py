@@ -8,6 +8,7 @@ model exported and quantized again. Returns the report (``report["passed"]``).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,25 @@ def _variants(cfg: ExportConfig, fp32: Path, calib: Any, out: Path, kind: str) -
     return made
 
 
+def _quantize_schemes(
+    fp32: Path, images: Any, settings: QuantSettings, out: Path, kind: str
+) -> dict[str, Path]:
+    """One INT8 model per scheme of ``settings.schemes`` (or the settings as given)."""
+    if not settings.schemes:
+        path = out / "schemes" / f"model.int8.{settings.scheme}.onnx"
+        return {settings.scheme: quantize_int8(fp32, path, images, settings, kind=kind)}
+    return {
+        name: quantize_int8(
+            fp32,
+            out / "schemes" / f"model.int8.{name}.onnx",
+            images,
+            settings.for_scheme(name),
+            kind=kind,
+        )
+        for name in settings.schemes
+    }
+
+
 def run_export(
     cfg: ExportConfig,
     *,
@@ -79,9 +99,15 @@ def run_export(
     _say(f"data: {len(calib)} calibration, {len(val)} eval, {len(train or [])} bank images")
 
     fp32 = out / "model.fp32.onnx"
-    exported = export_onnx(model, fp32, img_size, exporter=cfg.exporter, opset=cfg.opset)
+    exported = export_onnx(
+        model, fp32, img_size, exporter=cfg.exporter, opset=cfg.opset, rtol=cfg.fp32_rtol
+    )
     _say(f"FP32 ONNX ({exported.exporter}) max |diff| vs PyTorch {exported.max_abs_diff:.2e}")
-    ts = export_torchscript(model, out / "model.fp32.pt", img_size) if cfg.torchscript else None
+    ts = (
+        export_torchscript(model, out / "model.fp32.pt", img_size, rtol=cfg.fp32_rtol)
+        if cfg.torchscript
+        else None
+    )
 
     settings = QuantSettings(**cfg.quant.__dict__)
     sens = None
@@ -98,13 +124,21 @@ def run_export(
         worst = sensitivity.top_nodes(sens, cfg.sensitivity.exclude_top)
         settings.exclude = sorted(set(settings.exclude) | set(worst))
         _say(f"sensitivity: {sens['num_nodes']} nodes scanned; kept in float: {worst}")
-    int8 = quantize_int8(fp32, out / "model.int8.onnx", calib.images, settings, kind=kind)
+    candidates = _quantize_schemes(fp32, calib.images, settings, out, kind)
     variants = _variants(cfg, fp32, calib, out, kind) if cfg.compare_formats else {}
-    report = verify(fp32, int8, kind, img_size, val, train, cfg.verify, extra_models=variants)
-    _say(f"INT8 drop {report['drop']:.2f} points (accepted {cfg.verify.max_drop})")
+    report = verify(fp32, candidates, kind, img_size, val, train, cfg.verify, extra_models=variants)
+    if len(candidates) > 1:
+        settings = settings.for_scheme(report["scheme"])
+    int8 = out / "model.int8.onnx"
+    shutil.copyfile(candidates[report["scheme"]], int8)
+    _say(
+        f"INT8 {report['scheme']}: drop {report['drop']:.2f} points, speed-up "
+        + ", ".join(f"b{b} {v:.2f}x" for b, v in report["speedup"].items())
+        + f": {report['verdict']}"
+    )
 
     qat_info: dict[str, Any] | None = None
-    if not report["passed"] and cfg.qat.enabled:
+    if not report["accurate"] and cfg.qat.enabled:
         report, qat_info = _recover_with_qat(
             cfg, model, img_size, kind, calib, val, train, settings, out, report
         )
@@ -119,7 +153,12 @@ def run_export(
         "exporter_note": exported.note,
         "opset": cfg.opset,
         "fp32_onnx_max_abs_diff": exported.max_abs_diff,
-        "quantization": {**settings.__dict__, "kept_in_float": float_nodes(int8)},
+        "fp32_rtol": cfg.fp32_rtol,
+        "quantization": {
+            **settings.__dict__,
+            "scheme": report["scheme"],
+            "kept_in_float": float_nodes(int8),
+        },
         "calibration_data": d.calibration or d.train,
         "eval_data": d.val,
         "config": cfg.to_dict(),
@@ -143,7 +182,7 @@ def run_export(
         classes=val.classes,
         torchscript=ts,
     )
-    _say(f"artefact: {out} ({'PASSED' if report['passed'] else 'FAILED'})")
+    _say(f"artefact: {out} ({report['verdict']})")
     return report
 
 
@@ -171,8 +210,12 @@ def _recover_with_qat(cfg, model, img_size, kind, calib, val, train, settings, o
         exporter="torchscript",
         opset=cfg.opset,
     ).path
-    int8 = quantize_int8(qat_fp32, out / "model.int8.onnx", calib.images, settings, kind=kind)
-    report = verify(fp32, int8, kind, img_size, val, train, cfg.verify)
+    scheme = before["scheme"]
+    int8 = quantize_int8(
+        qat_fp32, out / "qat" / f"model.int8.{scheme}.onnx", calib.images, settings, kind=kind
+    )
+    report = verify(fp32, {scheme: int8}, kind, img_size, val, train, cfg.verify)
+    shutil.copyfile(int8, out / "model.int8.onnx")
     info = {
         "steps": cfg.qat.steps,
         "lr": cfg.qat.lr,
