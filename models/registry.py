@@ -2,23 +2,60 @@
 
 Each method module registers itself with ``@register_method("name", ConfigClass)``;
 ``models.methods`` imports every method module so that the registry is complete.
+
+:class:`MethodConfig` is the base of every method's config. It lives here, beside the
+registry and outside ``models.methods``, so that the run config (``train.config``) can type
+its ``method`` table without importing any method (nor torch). Configs check themselves in
+``__post_init__`` and raise ``ValueError`` with a one-line message naming the key; the
+config loader turns that into its ``config error: ...`` line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # models.methods imports this module to register itself
     from models.methods.base import Method
 
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; each method subclasses it with its own fields.
+
+    A subclass that defines ``__post_init__`` calls ``super().__post_init__()``.
+    """
+
+    has_teacher: ClassVar[bool] = False
+    """True for methods whose checkpoints hold an EMA teacher (``teacher.backbone.*`` in the
+    extra state) that ``export_teacher`` can export."""
+
+    name: str = "mae"
+    """The method: mae, simclr, mocov3, byol, simsiam, dino, distil, finetune, qat."""
+    export_teacher: bool = False
+    """Export and evaluate the EMA teacher's backbone instead of the trained one (methods
+    with a teacher only; DINO's default, as its authors evaluate the teacher)."""
+
+    def __post_init__(self) -> None:
+        if self.export_teacher and not self.has_teacher:
+            raise ValueError(
+                f"method.export_teacher=true needs a method with an EMA teacher "
+                f"(byol, mocov3, dino); {self.name} has none"
+            )
+
+
 MethodBuilder = Callable[[Any, Any], "Method"]
 """``builder(method_cfg, model_cfg) -> Method``."""
 
-_METHODS: dict[str, tuple[type, MethodBuilder]] = {}
+_METHODS: dict[str, tuple[type[MethodConfig], MethodBuilder]] = {}
 
 
-def register_method(name: str, config_cls: type) -> Callable[[MethodBuilder], MethodBuilder]:
+def register_method(
+    name: str, config_cls: type[MethodConfig]
+) -> Callable[[MethodBuilder], MethodBuilder]:
+    assert issubclass(config_cls, MethodConfig), config_cls
+
     def wrap(builder: MethodBuilder) -> MethodBuilder:
         if name in _METHODS:
             raise KeyError(f"method {name!r} registered twice")
@@ -28,24 +65,17 @@ def register_method(name: str, config_cls: type) -> Callable[[MethodBuilder], Me
     return wrap
 
 
-def method_names() -> list[str]:
+def _entry(name: str) -> tuple[type[MethodConfig], MethodBuilder]:
     import models.methods  # noqa: F401  (fills the registry)
-
-    return sorted(_METHODS)
-
-
-def method_config_class(name: str) -> type:
-    import models.methods  # noqa: F401
 
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(_METHODS)}")
-    return _METHODS[name][0]
+    return _METHODS[name]
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    return _entry(name)[0]
 
 
 def create_method(method_cfg: Any, model_cfg: Any) -> Method:
-    import models.methods  # noqa: F401
-
-    name = method_cfg.name
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(_METHODS)}")
-    return _METHODS[name][1](method_cfg, model_cfg)
+    return _entry(method_cfg.name)[1](method_cfg, model_cfg)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli import user_error
+from train.cli import setup_logging, user_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         help="exit 0 even when INT8 loses more than verify.max_drop",
     )
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         if args.command == "pipeline":
             from train.edge.pipeline import load_pipeline_config, run_pipeline
