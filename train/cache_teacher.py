@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from train.cli import user_error
+from train.cli import setup_logging, user_error
 from train.config import ConfigError, RunConfig, load_config
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    setup_logging()
     import models.methods.distil  # noqa: F401  (registers the distil method)
 
     try:

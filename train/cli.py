@@ -9,6 +9,8 @@ import sys
 from models.distributed import rank
 from train.config import ConfigError
 
+OUR_PACKAGES = ("train", "models", "data_pipelines")
+"""Loggers whose progress messages (INFO) :func:`setup_logging` shows."""
 EXIT_USAGE = 2
 """Bad configuration or input (the run did not start or stopped before training)."""
 
@@ -38,4 +40,6 @@ def setup_logging() -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(_RankZeroInfo())
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.WARNING)  # other libraries: warnings and errors only
+    for package in OUR_PACKAGES:
+        logging.getLogger(package).setLevel(logging.INFO)

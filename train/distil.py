@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli import user_error
+from train.cli import setup_logging, user_error
 from train.config import ConfigError, RunConfig, load_config
 
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.w_patch=1")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    setup_logging()
     import models.methods.distil  # noqa: F401  (registers the distil method)
 
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli import user_error
+from train.cli import setup_logging, user_error
 from train.config import load_config
 
 
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-4")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         cfg = load_config(args.recipe, args.overrides)
         from train.ds_config import build_ds_config

@@ -23,13 +23,18 @@ def test_progress_from_rank_zero_warnings_from_all(rank: int, monkeypatch) -> No
 
 def test_setup_logging_prints_plain_lines_on_stdout(monkeypatch, capsys) -> None:
     root = logging.getLogger()
+    names = ["", *cli.OUR_PACKAGES]
+    levels = {n: logging.getLogger(n).level for n in names}
     monkeypatch.setattr(root, "handlers", [])  # as in a fresh process
-    monkeypatch.setattr(root, "level", logging.WARNING)
-    cli.setup_logging()
     try:
+        cli.setup_logging()
         logging.getLogger("train.evaluation.protocols").info("extracting val features")
-        assert capsys.readouterr().out == "extracting val features\n"
+        logging.getLogger("timm.models").info("a third-party progress line")
+        logging.getLogger("timm.models").warning("a third-party warning")
+        out = capsys.readouterr().out
+        assert out == "extracting val features\na third-party warning\n"
         cli.setup_logging()  # idempotent: still one handler
         assert len(root.handlers) == 1
     finally:
-        root.handlers = []
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)  # setLevel also clears logging's level cache
