@@ -1,5 +1,8 @@
 """Deterministic reading of every labelled sample, for evaluation (no shuffling, no dropping).
 
+:class:`OrderedBatches` is the one walker over a source's samples in order; the teacher
+cache (train.cache_teacher) uses it too, unlabelled and with unreadable samples blanked.
+
 A source is labelled WebDataset shards (brace pattern or comma list; keys ``jpg``/``png`` and
 ``cls``) or an ImageFolder directory (class sub-folders, sorted names -> labels). Samples are
 numbered in source order (shard by shard, member by member; folders sorted); rank ``r`` of
@@ -92,18 +95,38 @@ def batches_per_rank(num_samples: int, world_size: int, batch_size: int) -> int:
     return -(-largest // batch_size)
 
 
-class _Samples(IterableDataset):
-    """Batches of one rank's range; DataLoader worker ``w`` reads a contiguous share of them."""
+class OrderedBatches(IterableDataset):
+    """Batches of the samples ``[start, stop)`` of a source, in order, through the ``eval``
+    preset; DataLoader worker ``w`` reads a contiguous share of them.
 
-    def __init__(self, source: LabelledSource, start: int, stop: int, size: int, batch: int):
+    Every batch holds ``image: (B, 3, S, S)`` and the global sample ``index: (B,)``; with
+    ``labels`` also ``label: (B,)`` (a sample without one stops the reader). An unreadable
+    sample stops the reader too, unless ``blank_unreadable``: it then becomes a black image
+    and the batch carries ``ok: (B,)`` (False there), for callers that keep one row per
+    sample and count the unreadable ones (the teacher cache).
+    """
+
+    def __init__(
+        self,
+        source: LabelledSource,
+        start: int,
+        stop: int,
+        size: int,
+        batch: int,
+        *,
+        labels: bool = True,
+        blank_unreadable: bool = False,
+    ) -> None:
         self.source = source
         self.start, self.stop = start, stop
-        self.batch = batch
+        self.batch, self.size = batch, size
+        self.labels, self.blank_unreadable = labels, blank_unreadable
         self.transform = build_transform("eval", size)
         self._first = list(itertools.accumulate([0, *source.counts]))
 
-    def _encoded(self, start: int, stop: int) -> Iterator[tuple[int, bytes, int, str]]:
-        """(global index, image bytes, label, where) for samples in [start, stop)."""
+    def _encoded(self, start: int, stop: int) -> Iterator[tuple[int, bytes | None, int, str]]:
+        """(global index, image bytes or None when unreadable, label or -1, where) for
+        samples in [start, stop)."""
         if not self.source.shards:
             for i in range(start, stop):
                 path, label = self.source.files[i]
@@ -114,16 +137,31 @@ class _Samples(IterableDataset):
             base = self._first[shard]
             lo, hi = start - base, min(stop, self._first[shard + 1]) - base
             path = self.source.shards[shard]
-            for i, raw in read_samples(path, lo, hi, lambda _: True, with_labels=True):
+            for i, raw in read_samples(path, lo, hi, lambda _: True, with_labels=self.labels):
                 assert raw is not None
                 where = f"{path} sample {i} ({raw.key or '?'})"
                 if raw.error == "no cls member":
                     raise ValueError(f"{self.source.spec}: {NO_LABELS} ({where} has no cls)")
-                if raw.error is not None or raw.image is None or raw.label is None:
+                unlabelled = self.labels and raw.label is None
+                readable = raw.error is None and raw.image is not None and not unlabelled
+                if not readable and not self.blank_unreadable:
                     raise ValueError(f"unreadable sample {where}: {raw.error}")
-                yield base + i, raw.image, raw.label, where
+                label = -1 if raw.label is None else raw.label
+                yield base + i, raw.image if readable else None, label, where
             start = base + hi
             shard += 1
+
+    def _image(self, data: bytes | None, where: str) -> Tensor | None:
+        """The eval view, or None for an unreadable sample when ``blank_unreadable``."""
+        try:
+            if data is None:
+                raise CorruptSample("unreadable")
+            # the same decode as the training loader (decoder + DCT scale)
+            return self.transform(decode_pixels(data, self.transform.decode_min_size))[0]
+        except CorruptSample as e:
+            if self.blank_unreadable:
+                return None
+            raise ValueError(f"unreadable sample {where}: {e}") from None
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -132,23 +170,24 @@ class _Samples(IterableDataset):
         b0, b1 = nb * worker // workers, nb * (worker + 1) // workers
         lo = self.start + b0 * self.batch
         hi = min(self.stop, self.start + b1 * self.batch)
-        imgs: list[Tensor] = []
-        labels: list[int] = []
-        index: list[int] = []
-        min_size = self.transform.decode_min_size
+        rows: list[tuple[Tensor | None, int, int]] = []
         for i, data, label, where in self._encoded(lo, hi):
-            try:
-                img = decode_pixels(data, min_size)  # the same decode as the training loader
-            except CorruptSample as e:
-                raise ValueError(f"unreadable sample {where}: {e}") from None
-            imgs.append(self.transform(img)[0])
-            labels.append(label)
-            index.append(i)
-            if len(index) == self.batch:
-                yield _collate(imgs, labels, index)
-                imgs, labels, index = [], [], []
-        if index:
-            yield _collate(imgs, labels, index)
+            rows.append((self._image(data, where), label, i))
+            if len(rows) == self.batch:
+                yield self._collate(rows)
+                rows = []
+        if rows:
+            yield self._collate(rows)
+
+    def _collate(self, rows: list[tuple[Tensor | None, int, int]]) -> dict:
+        blank = torch.zeros(3, self.size, self.size)
+        batch = {"image": torch.stack([img if img is not None else blank for img, _, _ in rows])}
+        if self.labels:
+            batch["label"] = torch.tensor([label for _, label, _ in rows], dtype=torch.long)
+        batch["index"] = torch.tensor([i for _, _, i in rows], dtype=torch.long)
+        if self.blank_unreadable:
+            batch["ok"] = torch.tensor([img is not None for img, _, _ in rows])
+        return batch
 
 
 def _collate(imgs: list[Tensor], labels: list[int], index: list[int]) -> dict:
@@ -208,7 +247,7 @@ class LabelledReader:
     def _stream(self, start: int, stop: int) -> Iterator[dict]:
         if start >= stop:
             return iter(())
-        data = _Samples(self.source, start, stop, self.img_size, self.batch_size)
+        data = OrderedBatches(self.source, start, stop, self.img_size, self.batch_size)
         workers = min(self.num_workers, -(-(stop - start) // self.batch_size))
         if workers == 0:
             return iter(data)
@@ -233,7 +272,7 @@ class LabelledReader:
         wanted = sorted(set(indices))
         got: dict[int, tuple[Tensor, int]] = {}
         for i in wanted:  # neighbours are scattered: read each on its own (few images)
-            data = _Samples(self.source, i, i + 1, self.img_size, 1)
+            data = OrderedBatches(self.source, i, i + 1, self.img_size, 1)
             batch = next(iter(data))
             got[i] = (batch["image"][0], int(batch["label"][0]))
         return _collate([got[i][0] for i in indices], [got[i][1] for i in indices], indices)

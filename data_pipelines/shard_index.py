@@ -181,7 +181,7 @@ def read_index(shards: list[str], index_path: str | None) -> ShardIndex:
     ]
     if missing:
         raise ValueError(f"{len(missing)} shard(s) missing, first: {missing[0]}")
-    if index_path is not None:
+    if index_path:  # None or "": find the index beside the shards
         loaded = _load_any_index(index_path)
         if loaded is None:
             raise ValueError(f"shard index not found: {index_path}")

@@ -1,17 +1,20 @@
-"""EMA teachers (MoCo's momentum encoder, BYOL's target, DINO's teacher), ZeRO-3 aware.
+"""Frozen modules held beside a method (EMA teachers, distillation teachers, the QAT
+reference), and the EMA update that moves a teacher, ZeRO-3 aware.
 
 Design choices:
 
-* The teacher is a deep copy of student modules made when the method is built, i.e. before
-  ``deepspeed.initialize`` (and outside ``deepspeed.zero.Init``). :class:`EMATeacher` is a
-  plain object, not an ``nn.Module``, so the method does not register it: it is absent from
-  ``parameters()``, ``state_dict()``, the optimizer, DeepSpeed's bf16 cast and ZeRO-3's
-  partitioning hooks. It therefore keeps full weights on every rank, moves to the student's
-  device by itself, and is checkpointed through the method's ``extra_state()``.
-* The teacher stays in float32: an EMA step moves a weight by ``(1 - m) ~ 0.004`` of the gap,
-  about bf16's resolution (2^-8), so a bf16 teacher would barely move. Its forward runs under
-  autocast to the dtype of the inputs (bf16 matmuls on bf16 runs).
-* Stochastic depth is switched off in the copy (the papers' teachers have none).
+* :class:`FrozenModules` is a plain object, not an ``nn.Module``, so the method that holds
+  it does not register it: its modules are absent from ``parameters()``, ``state_dict()``,
+  the optimizer, DeepSpeed's bf16 cast and ZeRO-3's partitioning hooks. They therefore keep
+  full weights on every rank, move to the student's device by themselves, and are
+  checkpointed (when they change) through the method's ``extra_state()``.
+* One precision policy for every frozen module: the weights stay float32 and the forward
+  runs under autocast to the dtype of the inputs (bf16 matmuls on bf16 runs, exact float32
+  on fp32 runs). An EMA step moves a weight by ``(1 - m) ~ 0.004`` of the gap, about bf16's
+  resolution (2^-8), so a bf16 teacher would barely move.
+* An :class:`EMATeacher` is a deep copy of student modules made when the method is built,
+  i.e. before ``deepspeed.initialize`` (and outside ``deepspeed.zero.Init``). Stochastic
+  depth is switched off in the copy (the papers' teachers have none).
 * :func:`update_ema` gathers ZeRO-3-partitioned student parameters chunk by chunk with
   ``deepspeed.zero.GatheredParameters`` (every rank gets the full tensor) and lerps plainly
   otherwise. Only parameters are averaged; buffers (batch-norm statistics) are the teacher's own.
@@ -82,21 +85,24 @@ def _chunks(
         yield chunk
 
 
-class EMATeacher:
-    """A float32 EMA copy of named student modules, hidden from ``nn.Module`` registration.
+def _refuse_zero3(modules: dict[str, nn.Module]) -> None:
+    for module in modules.values():
+        if any(is_zero3_partitioned(p) for p in module.parameters()):
+            raise ValueError("build the method outside deepspeed.zero.Init (frozen modules)")
 
-    ``teacher["backbone"]`` is the copy of the student's ``backbone``, and so on.
+
+class FrozenModules:
+    """Named float32 modules without gradients, hidden from ``nn.Module`` registration.
+
+    ``frozen["backbone"]`` is the module held as ``backbone``, and so on. The modules are
+    converted in place (float32, ``requires_grad=False``) and start in eval mode.
     """
 
-    def __init__(self, students: dict[str, nn.Module]) -> None:
-        for module in students.values():
-            if any(is_zero3_partitioned(p) for p in module.parameters()):
-                raise ValueError("build the method outside deepspeed.zero.Init (EMA teacher)")
-        self.modules = nn.ModuleDict({k: copy.deepcopy(m) for k, m in students.items()}).float()
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        _refuse_zero3(modules)
+        self.modules = nn.ModuleDict(modules).float()
         self.modules.requires_grad_(False)
-        for m in self.modules.modules():
-            if isinstance(m, DropPath):
-                m.drop_prob = 0.0
+        self.modules.eval()
 
     def __getitem__(self, name: str) -> nn.Module:
         return self.modules[name]
@@ -108,21 +114,19 @@ class EMATeacher:
     def to(self, device: torch.device | str) -> None:
         self.modules.to(device)
 
-    def follow(self, like: torch.Tensor, training: bool) -> None:
-        """Move to ``like``'s device when needed and take the student's train/eval mode."""
+    def follow(self, like: torch.Tensor, training: bool = False) -> None:
+        """Move to ``like``'s device when needed and take the train/eval mode ``training``."""
         if self.device != like.device:
             self.modules.to(like.device)
         self.modules.train(training)
 
-    def autocast(self, like: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-        """Run the float32 teacher in the inputs' lower precision (bf16/fp16), if any."""
+    @staticmethod
+    def autocast(like: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """The precision policy: compute in the inputs' lower precision (bf16/fp16), if any;
+        float32 inputs get exact float32."""
         if like.dtype in (torch.bfloat16, torch.float16):
             return torch.autocast(device_type=like.device.type, dtype=like.dtype)
         return contextlib.nullcontext()
-
-    def update(self, students: dict[str, nn.Module], momentum: float) -> None:
-        for name, student in students.items():
-            update_ema(student, self.modules[name], momentum)
 
     def state_dict(self, prefix: str = "teacher.") -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in self.modules.state_dict().items()}
@@ -130,3 +134,23 @@ class EMATeacher:
     def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "teacher.") -> None:
         own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         self.modules.load_state_dict(own)
+
+
+class EMATeacher(FrozenModules):
+    """A float32 EMA copy of named student modules (see :class:`FrozenModules`).
+
+    ``teacher["backbone"]`` is the copy of the student's ``backbone``, and so on.
+    """
+
+    def __init__(self, students: dict[str, nn.Module]) -> None:
+        _refuse_zero3(students)  # before the copy: a partitioned parameter holds no weights
+        super().__init__({k: copy.deepcopy(m) for k, m in students.items()})
+        for name, student in students.items():  # the student's mode until the first follow()
+            self.modules[name].train(student.training)
+        for m in self.modules.modules():
+            if isinstance(m, DropPath):
+                m.drop_prob = 0.0
+
+    def update(self, students: dict[str, nn.Module], momentum: float) -> None:
+        for name, student in students.items():
+            update_ema(student, self.modules[name], momentum)

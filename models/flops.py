@@ -35,13 +35,3 @@ def mae_forward_flops(
     flops += dec_depth * block_flops(length + 1, dec_dim, mlp_ratio)
     flops += 2 * (length + 1) * dec_dim * patch_in  # decoder_pred
     return flops
-
-
-def vit_forward_flops(
-    img_size: int, patch_size: int, dim: int, depth: int, mlp_ratio: float = 4.0
-) -> int:
-    """Forward FLOPs of one image through a ViT encoder with a class token."""
-    length = (img_size // patch_size) ** 2
-    return 2 * length * 3 * patch_size * patch_size * dim + depth * block_flops(
-        length + 1, dim, mlp_ratio
-    )

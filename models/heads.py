@@ -90,9 +90,6 @@ class DINOHead(nn.Module):
         self.weight_g = None if norm_last_layer else nn.Parameter(torch.ones(out_dim, 1))
         self.last_layer_frozen = False
 
-    def last_layer_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.weight_v, self.weight_g) if p is not None]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)  # (B, bottleneck)
         v: torch.Tensor = self.weight_v

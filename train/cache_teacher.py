@@ -17,100 +17,59 @@ Exit codes: 0 done, 2 bad configuration or input.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from train.cli import EXIT_OK, EXIT_USAGE, exit_codes_help, print_config, recipe_parser, user_error
+from train.cli import (
+    EXIT_OK,
+    EXIT_USAGE,
+    exit_codes_help,
+    print_config,
+    recipe_parser,
+    setup_logging,
+    user_error,
+)
 from train.config import ConfigError, RunConfig, load_config
 from train.recipes import recipes_help
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-class _EvalViews(IterableDataset):
-    """Batches ``{"image", "id", "ok"}`` of samples ``[start, stop)`` of the shard index."""
-
-    def __init__(
-        self, shards: list[str], counts: list[int], start: int, stop: int, size: int, batch: int
-    ) -> None:
-        from data_pipelines.transforms import build_transform
-
-        self.shards, self.start, self.stop, self.batch = shards, start, stop, batch
-        self.first = list(itertools.accumulate([0, *counts]))
-        self.size = size
-        self.transform = build_transform("eval", size)
-
-    def _samples(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor | None]]:
-        from data_pipelines.decode import CorruptSample, decode_pixels
-        from data_pipelines.tar_samples import read_samples
-
-        shard = bisect.bisect_right(self.first, start) - 1
-        while start < stop and shard < len(self.shards):
-            base = self.first[shard]
-            lo, hi = start - base, min(stop, self.first[shard + 1]) - base
-            for i, raw in read_samples(self.shards[shard], lo, hi, lambda _: True, False):
-                assert raw is not None
-                img = None
-                if raw.error is None and raw.image is not None:
-                    try:  # decoded exactly as the training loader decodes (decoder + DCT scale)
-                        pixels = decode_pixels(raw.image, self.transform.decode_min_size)
-                        img = self.transform(pixels)[0]
-                    except CorruptSample:
-                        img = None
-                yield base + i, img
-            start = base + hi
-            shard += 1
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        nb = -(-(self.stop - self.start) // self.batch)
-        lo = self.start + nb * worker // workers * self.batch
-        hi = min(self.stop, self.start + nb * (worker + 1) // workers * self.batch)
-        samples = self._samples(lo, hi)
-        while chunk := list(itertools.islice(samples, self.batch)):
-            blank = torch.zeros(3, self.size, self.size)
-            yield {
-                "image": torch.stack([img if img is not None else blank for _, img in chunk]),
-                "id": torch.tensor([i for i, _ in chunk], dtype=torch.long),
-                "ok": torch.tensor([img is not None for _, img in chunk]),
-            }
-
-
 def cache_teacher(cfg: RunConfig, batch_size: int, num_workers: int, dtype: str) -> Path:
     """Write the cache of ``cfg.method`` (see the module docstring); collective over ranks."""
-    from data_pipelines.labelled import rank_range
-    from data_pipelines.shard_index import expand_shards, read_index
+    from data_pipelines.labelled import OrderedBatches, open_source, rank_range
+    from models import distributed
     from models.methods.distil import CACHE_FEATURES, CACHE_LOGITS, CACHE_META
-    from train.evaluation.features import gather_ordered, world
+    from train.evaluation.features import gather_ordered
     from train.evaluation.protocols import init_eval_distributed
     from train.weights import load_teacher
 
     method = cfg.method
     device = init_eval_distributed()
-    rank, size = world()
+    rank, size = distributed.rank(), distributed.world_size()
     teacher = load_teacher(method.teacher, method.teacher_pool)  # type: ignore[attr-defined]
     teacher.to(device)
-    index = read_index(expand_shards(cfg.data.train_shards), cfg.data.index or None)
-    n = index.num_samples
+    source = open_source(cfg.data.train_shards, cfg.data.index or None)
+    n = source.num_samples
     start, stop = rank_range(n, rank, size)
-    data = _EvalViews(index.shards, index.counts, start, stop, cfg.model.img_size, batch_size)
+    data = OrderedBatches(
+        source, start, stop, cfg.model.img_size, batch_size, labels=False, blank_unreadable=True
+    )
     batches = DataLoader(data, batch_size=None, num_workers=num_workers) if num_workers else data
     embs, logits, ids, bad = [], [], [], 0
     for batch in batches:
-        out = teacher(batch["image"].to(device))
+        x = batch["image"].to(device)
+        # bf16 on GPU, as the online teacher of a bf16 run computes (models.ema's policy)
+        out = teacher(x.bfloat16() if device.type == "cuda" else x)
         embs.append(out.embedding.cpu())
         if out.logits is not None:
             logits.append(out.logits.cpu())
-        ids.append(batch["id"])
+        ids.append(batch["index"])
         bad += int((~batch["ok"]).sum())
     comm = device if device.type == "cuda" else torch.device("cpu")
 
@@ -136,8 +95,8 @@ def cache_teacher(cfg: RunConfig, batch_size: int, num_workers: int, dtype: str)
             "pool": teacher.pool,
             "img_size": cfg.model.img_size,
             "view": "eval",
-            "shards": [Path(s).name for s in index.shards],
-            "counts": list(index.counts),
+            "shards": [Path(s).name for s in source.shards],
+            "counts": list(source.counts),
             "num_samples": n,
             "dim": teacher.dim,
             "num_classes": teacher.num_classes,
@@ -161,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     args = parser.parse_intermixed_args(argv)
+    setup_logging()
     import models.methods.distil  # noqa: F401  (registers the distil method)
 
     try:

@@ -257,7 +257,7 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict
         raise ValueError(f"DeepSpeed could not load checkpoint {path}")
     extra_file = path / "extra_state.safetensors"
     method = engine.module
-    if extra_file.is_file() and hasattr(method, "load_extra_state"):
+    if extra_file.is_file():
         method.load_extra_state(load_file(str(extra_file)))
     rng_file = path / f"rng_rank{rank:05d}.pt"
     if meta.get("world_size") == world_size and rng_file.is_file():
@@ -523,7 +523,7 @@ def _rank_files(engine: Any, root: Path, path: Path, rank: int) -> None:
     torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
     method = engine.module
     if rank == 0:
-        extra = method.extra_state() if hasattr(method, "extra_state") else {}
+        extra = method.extra_state()
         if extra:
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in extra.items()},

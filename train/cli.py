@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import sys
 from typing import Any
 
+from models.distributed import rank
 from train.config import ConfigError
 
+OUR_PACKAGES = ("train", "models", "data_pipelines")
+"""Loggers whose progress messages (INFO) :func:`setup_logging` shows."""
 EXIT_OK = 0
 """Done."""
 EXIT_USAGE = 2
@@ -102,3 +106,26 @@ def print_config(cfg: Any) -> int:
     """``--print-config``: the resolved configuration on stdout; returns :data:`EXIT_OK`."""
     sys.stdout.write(config_toml(cfg))
     return EXIT_OK
+
+
+class _RankZeroInfo(logging.Filter):
+    """Progress messages from rank 0 only; warnings and errors from every rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or rank() == 0
+
+
+def setup_logging() -> None:
+    """Library code logs through ``logging.getLogger(__name__)``; an entry point calls this
+    once to show those messages on stdout, one plain line each. A no-op when the root
+    logger already has handlers (an application or pytest configured it)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_RankZeroInfo())
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)  # other libraries: warnings and errors only
+    for package in OUR_PACKAGES:
+        logging.getLogger(package).setLevel(logging.INFO)

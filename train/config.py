@@ -13,9 +13,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, get_type_hints
 
 import tomllib
+
+from models.registry import MethodConfig, method_config_class
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -204,21 +206,6 @@ class LogConfig:
 
 
 @dataclass
-class MethodConfig:
-    """Base of every method's config; each method subclasses it with its own fields."""
-
-    name: str = "mae"
-    """The method: mae, simclr, mocov3, byol, simsiam, dino."""
-    export_teacher: bool = False
-    """Export and evaluate the EMA teacher's backbone instead of the trained one (methods
-    with a teacher only; DINO's default, as its authors evaluate the teacher)."""
-    weight_fields: ClassVar[dict[str, bool]] = {}
-    """Fields that name pretrained weights -> whether those must fit ``model``. The entry
-    points resolve them (``train.weights.method_weights``) and ``create_method`` hands the
-    method the result, so that methods never read files."""
-
-
-@dataclass
 class RunConfig:
     """Everything a pretraining run needs; saved as ``config.json`` in the run directory."""
 
@@ -295,14 +282,14 @@ def build_dataclass(cls: type, raw: dict[str, Any], where: str) -> Any:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:
+    except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
+    except ValueError as e:  # a component's own check (models/ raises ValueError), one line
+        raise ConfigError(str(e)) from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a RunConfig; the ``method`` table is typed by the method's own dataclass."""
-    from models.registry import method_config_class
-
     raw = dict(raw)
     method_raw = dict(raw.pop("method", {}) or {})
     name = method_raw.get("name", MethodConfig.name)
@@ -420,7 +407,3 @@ def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunCo
 
 def save_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-
-def read_saved_config(path: Path) -> RunConfig:
-    return config_from_dict(json.loads(path.read_text()))

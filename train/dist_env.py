@@ -62,10 +62,6 @@ class DistEnv:
         if not 0 < self.master_port < 65536:
             raise ValueError(f"master port {self.master_port} is not a TCP port")
 
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def resolve_dist_env(environ: Mapping[str, str]) -> DistEnv:
     """Work out the process's :class:`DistEnv` from environment variables (see module doc)."""

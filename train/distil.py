@@ -17,6 +17,7 @@ from train.cli import (
     exit_codes_help,
     print_config,
     recipe_parser,
+    setup_logging,
     stdout_for,
     user_error,
 )
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         recipes_help("distil") + "\n" + exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_REQUEUE),
     )
     args = parser.parse_intermixed_args(argv)
+    setup_logging()
     import models.methods.distil  # noqa: F401  (registers the distil method)
 
     try:

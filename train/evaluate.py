@@ -17,6 +17,7 @@ from train.cli import (
     exit_codes_help,
     print_config,
     recipe_parser,
+    setup_logging,
     stdout_for,
     user_error,
 )
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     args = parser.parse_intermixed_args(argv)
+    setup_logging()
     with stdout_for(args.print_config):
         import models.methods.finetune  # noqa: F401  (registers the finetune method)
         from train.evaluation import protocols

@@ -25,6 +25,7 @@ from train.cli import (
     exit_codes_help,
     print_config,
     recipe_parser,
+    setup_logging,
     user_error,
 )
 from train.recipes import recipes_help
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         help="exit 0 even when INT8 loses more than verify.max_drop",
     )
     args = parser.parse_intermixed_args(argv)
+    setup_logging()
     try:
         if args.command == "pipeline":
             from train.edge.pipeline import check_recipes, load_pipeline_config, run_pipeline

@@ -25,10 +25,15 @@ def build_optimizer(
 
             return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
-    from train.optimizers import LAMB, LARS
-
     if name == "lars":
+        from train.optimizers import LARS
+
         return LARS(groups, lr=lr)
     if name == "lamb":
-        return LAMB(groups, lr=lr, betas=betas)
+        from timm.optim import Lamb
+
+        # You et al. (2020): bias-corrected Adam direction plus decay, times |w| / |update|;
+        # groups without weight decay (norms, biases, tokens) are not adapted, as in the
+        # authors' BERT code; no global gradient clipping (optim.clip_grad does that).
+        return Lamb(groups, lr=lr, betas=betas, eps=1e-6, weight_decay=0.0, max_grad_norm=None)
     raise ValueError(f"unknown optimizer {name!r}")

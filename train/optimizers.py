@@ -1,9 +1,16 @@
-"""Layer-wise adaptive optimizers for large-batch self-supervised training: LARS and LAMB.
+"""LARS as the self-supervised papers' code runs it (LAMB is timm's: train.optim).
 
-Both scale each parameter's update by a trust ratio ``|w| / |update|`` (times
-``trust_coefficient`` for LARS). As in the SimCLR / BYOL / MoCo v3 code, parameters with
-``ndim <= 1`` (biases, norm gains) are neither adapted nor decayed; a param group may also
-set ``"exclude": True`` to treat all its parameters that way.
+The update is scaled by a trust ratio ``trust_coefficient * |w| / |g + wd * w|``. As in the
+SimCLR / BYOL / MoCo v3 / MAE code, parameters with ``ndim <= 1`` (biases, norm gains) are
+neither adapted nor decayed; a param group may also set ``"exclude": True`` to treat all
+its parameters that way.
+
+Why not ``timm.optim.Lars``: it follows You et al. (2017) instead, and the two differ in what
+our recipes use (tests/unit/models/test_optimizers.py shows both): its ratio divides by
+``|g| + wd * |w|`` (not ``|g + wd * w|``, SimCLR's ``lars_optimizer.py`` and MoCo v3's
+``LARS``); it adapts only groups with a non-zero weight decay, so MAE's linear probe (LARS
+without weight decay, adapted weights) would become plain SGD; and it adapts biases and
+norm gains of a decayed group.
 
 Under DeepSpeed, ZeRO stages 1-3 and the bf16 optimizer hand the client optimizer flat
 partitions (one tensor per param group and rank) instead of the parameters, so the trust
@@ -74,57 +81,4 @@ class LARS(Optimizer):
                 mu = state["mu"]
                 mu.mul_(group["momentum"]).add_(g)
                 p.copy_(w.add(mu, alpha=-group["lr"]))
-        return loss
-
-
-class LAMB(Optimizer):
-    """Adam with a layer-wise trust ratio (You et al. 2020):
-
-    ``m, v`` = Adam moments with bias correction; ``u = m / (sqrt(v) + eps) + wd * w``;
-    ``w -= lr * (|w| / |u|) * u`` (excluded parameters: no decay, ratio 1).
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-    ) -> None:
-        if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError("LAMB needs lr, weight_decay >= 0, eps > 0, betas in [0, 1)")
-        super().__init__(
-            params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        )
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float()
-                w = p.float()
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(g)
-                    state["exp_avg_sq"] = torch.zeros_like(g)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
-                ratio: torch.Tensor | float = 1.0
-                if not _excluded(p, group):
-                    update = update.add(w, alpha=group["weight_decay"])
-                    ratio = _trust(w.norm(), update.norm(), 1.0)
-                p.copy_(w - group["lr"] * ratio * update)
         return loss

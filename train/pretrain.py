@@ -15,6 +15,7 @@ from train.cli import (
     exit_codes_help,
     print_config,
     recipe_parser,
+    setup_logging,
     stdout_for,
     user_error,
 )
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         recipes_help("pretrain") + "\n\n" + exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_REQUEUE),
     )
     args = parser.parse_intermixed_args(argv)
+    setup_logging()
     try:
         with stdout_for(args.print_config):
             cfg = load_config(args.recipe, args.overrides)

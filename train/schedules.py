@@ -15,9 +15,3 @@ def warmup_cosine(step: int, total: int, peak: float, warmup: int, floor: float 
     span = max(1, total - warmup)
     t = min(1.0, (step - warmup) / span)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def cosine_increase(progress: float, start: float, end: float = 1.0) -> float:
-    """From ``start`` at progress 0 to ``end`` at progress 1 along a half cosine (EMA momentum)."""
-    p = min(1.0, max(0.0, progress))
-    return end - (end - start) * (math.cos(math.pi * p) + 1.0) / 2.0

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipelines.transforms import model_input
+from models.distributed import world_size
 from models.methods.base import Method, StepContext
 from models.registry import create_method
 from models.vit import token_parameters
@@ -69,10 +70,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _free_port() -> int:
@@ -229,8 +226,7 @@ def run(cfg: RunConfig) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         cfg.train.precision
     ]
-    if hasattr(method, "teacher_to"):
-        method.teacher_to(device, dtype)  # type: ignore[operator]
+    method.teacher_to(device, dtype)
 
     from train.evaluation.online import OnlineKNN
 
@@ -424,7 +420,7 @@ def _log_step(
             "samples_seen": float(samples_seen),
             "time_metrics/data_loading(%)": 100.0 * wait / dt,
             "memory/peak_mb": peak_memory_mb(device),
-            "data/skipped_samples": mean["skipped"] * _world_size(),
+            "data/skipped_samples": mean["skipped"] * world_size(),
         }
     )
     if grad_norm is not None:  # DeepSpeed's global norm; absent with ZeRO-0 in fp32 unclipped

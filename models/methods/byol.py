@@ -1,7 +1,7 @@
 """BYOL (Grill et al. 2020): online network with predictor regresses an EMA target network.
 
 * Online: backbone -> projector -> predictor; target: an EMA copy of backbone + projector
-  (models.ema.EMATeacher: float32, not a registered submodule, saved via ``extra_state()``).
+  (models.methods.base.EMAMethod).
 * Loss: ``2 - 2 cos(p, z_target)`` for (view 1 -> view 2) plus (view 2 -> view 1).
 * Target decay: ``1 - (1 - base) (cos(pi k / K) + 1) / 2``, a pure function of the step.
 """
@@ -9,22 +9,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from models.backbones import create_backbone, embed, embed_dim
-from models.ema import EMATeacher, cosine_momentum
 from models.heads import maybe_sync_batchnorm, projection_mlp
 from models.losses import normalized_mse_loss
-from models.methods.base import Batch, Method, StepContext
-from models.registry import register_method
-from train.config import ConfigError, MethodConfig
+from models.methods.base import Batch, EMAMethod
+from models.registry import MethodConfig, register_method
 
 
 @dataclass
 class BYOLConfig(MethodConfig):
     """BYOL's hyper-parameters (defaults: the paper's ImageNet settings)."""
+
+    has_teacher: ClassVar[bool] = True
 
     name: str = "byol"
     """The method's registry name."""
@@ -40,15 +40,16 @@ class BYOLConfig(MethodConfig):
     2021; SimSiam's fixed predictor lr serves the same end): 10 in the short CIFAR runs."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.proj_hidden_dim < 1 or self.proj_out_dim < 1:
-            raise ConfigError("method.proj_hidden_dim and proj_out_dim must be >= 1")
+            raise ValueError("method.proj_hidden_dim and proj_out_dim must be >= 1")
         if self.predictor_lr_scale <= 0:
-            raise ConfigError("method.predictor_lr_scale must be > 0")
+            raise ValueError("method.predictor_lr_scale must be > 0")
         if not 0.0 <= self.momentum <= 1.0:
-            raise ConfigError("method.momentum must be in [0, 1]")
+            raise ValueError("method.momentum must be in [0, 1]")
 
 
-class BYOL(Method):
+class BYOL(EMAMethod):
     def __init__(self, cfg: BYOLConfig, backbone: torch.nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
@@ -57,18 +58,7 @@ class BYOL(Method):
         self.projector = projection_mlp(d, h, p, num_layers=2, last_bn=False)
         self.predictor = projection_mlp(p, h, p, num_layers=2, last_bn=False)
         maybe_sync_batchnorm(self)  # before the copy: the target syncs its norms too
-        # A plain object, so not registered: see models.ema.
-        self.teacher = EMATeacher({"backbone": self.backbone, "projector": self.projector})
-
-    def teacher_to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
-        """Move the teacher to ``device``. Its weights stay float32 whatever ``dtype`` (the run's
-        compute dtype): it computes in the inputs' dtype under autocast (see models.ema)."""
-        self.teacher.to(device)
-
-    @torch.no_grad()
-    def _target(self, x: torch.Tensor) -> torch.Tensor:
-        with self.teacher.autocast(x):
-            return self.teacher["projector"](embed(self.teacher["backbone"], x)).float()
+        self.init_teacher(("backbone", "projector"), cfg.momentum)
 
     def param_lr_scale(self, name: str) -> float:
         return self.cfg.predictor_lr_scale if name.startswith("predictor.") else 1.0
@@ -82,19 +72,9 @@ class BYOL(Method):
         h1, h2 = embed(self.backbone, x1), embed(self.backbone, x2)  # (B, D)
         p1 = self.predictor(self.projector(h1))  # (B, P)
         p2 = self.predictor(self.projector(h2))
-        t1, t2 = self._target(x1), self._target(x2)  # (B, P)
+        t1, t2 = self.teacher_output(x1, "projector"), self.teacher_output(x2, "projector")
         loss = normalized_mse_loss(p1, t2) + normalized_mse_loss(p2, t1)
         return {"loss": loss, "embeddings": (h1.detach(), h2.detach())}
-
-    def after_step(self, ctx: StepContext) -> None:
-        m = cosine_momentum(self.cfg.momentum, ctx.progress)
-        self.teacher.update({"backbone": self.backbone, "projector": self.projector}, m)
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return self.teacher.state_dict()
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.teacher.load_state_dict(state)
 
 
 @register_method("byol", BYOLConfig)

@@ -1,8 +1,7 @@
 """DINO (Caron et al. 2021): self-distillation with no labels, multi-crop.
 
 * Student: backbone + :class:`models.heads.DINOHead` on every crop; teacher: an EMA copy of
-  both (models.ema.EMATeacher: float32, unregistered, saved via ``extra_state()``) that sees
-  the two global crops only.
+  both (models.methods.base.EMAMethod) that sees the two global crops only.
 * Teacher outputs are centred (``center``: EMA with ``center_momentum`` of the batch mean
   over all ranks) and sharpened (temperature warmed up linearly from
   ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs``); or,
@@ -22,7 +21,7 @@ encodes the local crops with its position table resampled to their grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +30,17 @@ from torch import nn
 
 from models.backbones import create_backbone, embed, embed_dim, is_vit
 from models.distributed import all_reduce_mean_
-from models.ema import EMATeacher, cosine_momentum
 from models.heads import DINOHead, maybe_sync_batchnorm
 from models.losses import dino_loss, sinkhorn_knopp
-from models.methods.base import Batch, Method, StepContext
-from models.registry import register_method
-from train.config import ConfigError, MethodConfig
+from models.methods.base import Batch, EMAMethod, StepContext
+from models.registry import MethodConfig, register_method
 
 
 @dataclass
 class DINOConfig(MethodConfig):
     """DINO's hyper-parameters (defaults: the authors' main_dino.py)."""
+
+    has_teacher: ClassVar[bool] = True
 
     name: str = "dino"
     """The method's registry name."""
@@ -81,25 +80,22 @@ class DINOConfig(MethodConfig):
     """Epochs during which the head's last layer gets no gradient."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         dims = (self.out_dim, self.hidden_dim, self.bottleneck_dim, self.head_layers)
         if min(dims) < 1:
-            raise ConfigError(
-                "method.out_dim, hidden_dim, bottleneck_dim, head_layers must be >= 1"
-            )
+            raise ValueError("method.out_dim, hidden_dim, bottleneck_dim, head_layers must be >= 1")
         if min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) <= 0:
-            raise ConfigError("method temperatures must be > 0")
+            raise ValueError("method temperatures must be > 0")
         if self.warmup_teacher_temp_epochs < 0 or self.freeze_last_layer < 0:
-            raise ConfigError(
-                "method.warmup_teacher_temp_epochs and freeze_last_layer must be >= 0"
-            )
+            raise ValueError("method.warmup_teacher_temp_epochs and freeze_last_layer must be >= 0")
         if self.centering not in ("center", "sinkhorn_knopp"):
-            raise ConfigError(
+            raise ValueError(
                 f"method.centering must be 'center' or 'sinkhorn_knopp', got {self.centering!r}"
             )
         if self.sinkhorn_iterations < 1:
-            raise ConfigError("method.sinkhorn_iterations must be >= 1")
+            raise ValueError("method.sinkhorn_iterations must be >= 1")
         if not 0.0 <= self.center_momentum <= 1.0 or not 0.0 <= self.momentum <= 1.0:
-            raise ConfigError("method.center_momentum and momentum must be in [0, 1]")
+            raise ValueError("method.center_momentum and momentum must be in [0, 1]")
 
 
 def teacher_temperature(cfg: DINOConfig, epoch: float) -> float:
@@ -126,7 +122,7 @@ def embed_crops(backbone: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
     return vit.norm(x)[:, 0]  # (B, D)
 
 
-class DINO(Method):
+class DINO(EMAMethod):
     def __init__(self, cfg: DINOConfig, backbone: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
@@ -141,16 +137,14 @@ class DINO(Method):
             norm_last_layer=cfg.norm_last_layer,
         )
         maybe_sync_batchnorm(self)  # before the copy: the teacher syncs its norms too
-        # Plain attributes, so not registered (not cast to bf16, not partitioned): see models.ema.
-        self.teacher = EMATeacher({"backbone": self.backbone, "head": self.head})
+        self.init_teacher(("backbone", "head"), cfg.momentum)
+        # A plain attribute, like the teacher: not cast to bf16 (saved in extra_state).
         self.center = torch.zeros(1, cfg.out_dim)  # float32, (1, K)
         self.teacher_temp = teacher_temperature(cfg, 0.0)
         self.head.last_layer_frozen = cfg.freeze_last_layer > 0
 
     def teacher_to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
-        """Move the teacher to ``device``. Its weights stay float32 whatever ``dtype`` (the run's
-        compute dtype): it computes in the inputs' dtype under autocast (see models.ema)."""
-        self.teacher.to(device)
+        super().teacher_to(device, dtype)
         self.center = self.center.to(device)
 
     def before_step(self, ctx: StepContext) -> None:
@@ -175,9 +169,7 @@ class DINO(Method):
             feats.append(embed_crops(self.backbone, torch.cat(locals_)))  # (nB, D)
         student = self.head(torch.cat(feats))  # ((2 + n) B, K)
 
-        with torch.no_grad(), self.teacher.autocast(g):
-            teacher = self.teacher["head"](embed(self.teacher["backbone"], g))
-        teacher = teacher.float()  # (2B, K)
+        teacher = self.teacher_output(g, "head")  # (2B, K)
         if self.center.device != teacher.device:
             self.center = self.center.to(teacher.device)
         probs = self._teacher_probs(teacher)  # (2B, K)
@@ -206,17 +198,13 @@ class DINO(Method):
         m = self.cfg.center_momentum
         self.center = self.center * m + batch_center * (1 - m)
 
-    def after_step(self, ctx: StepContext) -> None:
-        m = cosine_momentum(self.cfg.momentum, ctx.progress)
-        self.teacher.update({"backbone": self.backbone, "head": self.head}, m)
-
     def extra_state(self) -> dict[str, torch.Tensor]:
-        state = self.teacher.state_dict()
+        state = super().extra_state()
         state["center"] = self.center.detach().clone()
         return state
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.teacher.load_state_dict(state)
+        super().load_extra_state(state)
         self.center = state["center"].to(device=self.center.device, dtype=torch.float32).clone()
 
 

@@ -12,8 +12,8 @@ Shape of the method (``method.name = "distil"``):
   with ``w_logit > 0``) gives student logits for a teacher with a classification head.
 * The teacher (:class:`FrozenTeacher`) is a plain object, never a submodule: it is absent from
   ``parameters()``, ``state_dict()``, the optimizer, DeepSpeed's bf16 cast and ZeRO-3's
-  partitioning, so every rank holds it whole and frozen. Its weights stay as loaded (float32);
-  it runs under bf16 autocast on GPU (and on CPU when the inputs are bf16/fp16). A SHA-256 of
+  partitioning, so every rank holds it whole and frozen (models.ema.FrozenModules: float32
+  weights, computing in the inputs' precision: bf16 on bf16 runs, float32 on fp32). A SHA-256 of
   its weights is saved with every checkpoint (``extra_state``) and checked on resume.
 * Offline mode (``method.cache``): the teacher's embeddings were computed once by
   ``python -m train.cache_teacher`` on the deterministic ``eval`` view of every sample and
@@ -27,7 +27,6 @@ Loss: ``w_feature * feature + w_relational * relational + w_patch * patch + w_lo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -50,13 +49,13 @@ from models.distill_losses import (
     relational_loss,
 )
 from models.distributed import all_reduce_mean_
+from models.ema import FrozenModules
 from models.heads import projection_mlp
 from models.methods.base import Batch, Method
 from models.pretrained import PretrainedWeights
-from models.registry import register_method
+from models.registry import MethodConfig, register_method
 from models.students import create_student, student_features, student_shape
 from models.vit import forward_tokens, pool_tokens
-from train.config import ConfigError, MethodConfig
 
 POOLS = ("cls", "avg")
 TEACHER_VIEWS = ("same", "weak")
@@ -110,29 +109,30 @@ class DistilConfig(MethodConfig):
     that direction without learning what tells images apart; centred targets cannot."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.teacher and not self.cache:
-            raise ConfigError("method.teacher (or method.cache) must name the teacher")
+            raise ValueError("method.teacher (or method.cache) must name the teacher")
         if self.teacher_pool not in POOLS:
-            raise ConfigError(f"method.teacher_pool must be one of {POOLS}")
+            raise ValueError(f"method.teacher_pool must be one of {POOLS}")
         if self.teacher_view not in TEACHER_VIEWS:
-            raise ConfigError(f"method.teacher_view must be one of {TEACHER_VIEWS}")
+            raise ValueError(f"method.teacher_view must be one of {TEACHER_VIEWS}")
         if self.feature_loss not in FEATURE_LOSSES:
-            raise ConfigError(f"method.feature_loss must be one of {FEATURE_LOSSES}")
+            raise ValueError(f"method.feature_loss must be one of {FEATURE_LOSSES}")
         if self.patch_loss not in PATCH_LOSSES:
-            raise ConfigError(f"method.patch_loss must be one of {PATCH_LOSSES}")
+            raise ValueError(f"method.patch_loss must be one of {PATCH_LOSSES}")
         weights = (self.w_feature, self.w_relational, self.w_patch, self.w_logit)
         if min(weights) < 0 or sum(weights) <= 0:
-            raise ConfigError("method.w_* must be >= 0 with at least one > 0")
+            raise ValueError("method.w_* must be >= 0 with at least one > 0")
         if not 0.0 <= self.teacher_center < 1.0:
-            raise ConfigError("method.teacher_center must be in [0, 1)")
+            raise ValueError("method.teacher_center must be in [0, 1)")
         if self.proj_hidden_dim < 0 or self.queue_size < 1:
-            raise ConfigError("method.proj_hidden_dim must be >= 0 and queue_size >= 1")
+            raise ValueError("method.proj_hidden_dim must be >= 0 and queue_size >= 1")
         if min(self.student_temp, self.teacher_temp, self.logit_temp) <= 0:
-            raise ConfigError("method.student_temp, teacher_temp and logit_temp must be > 0")
+            raise ValueError("method.student_temp, teacher_temp and logit_temp must be > 0")
         if self.cache and self.w_patch > 0:
-            raise ConfigError("method.w_patch needs an online teacher (the cache holds no tokens)")
+            raise ValueError("method.w_patch needs an online teacher (the cache holds no tokens)")
         if self.cache and self.teacher_view != "same":
-            raise ConfigError("method.cache was computed on the eval view: teacher_view=same")
+            raise ValueError("method.cache was computed on the eval view: teacher_view=same")
 
 
 # ---------------------------------------------------------------- the teacher
@@ -172,8 +172,10 @@ class FrozenTeacher:
         head_pool: str = "cls",
         source: str = "",
     ) -> None:
-        self.model: Any = model.eval().requires_grad_(False)  # timm's attributes, untyped
-        self.head = head.eval().requires_grad_(False) if head is not None else None
+        # Plain objects, not submodules; float32 weights, the inputs' precision (models.ema).
+        self.frozen = FrozenModules({"model": model} | ({"head": head} if head is not None else {}))
+        self.model: Any = self.frozen["model"]  # timm's attributes, untyped
+        self.head: nn.Linear | None = head
         self.pool = pool
         self.head_pool = head_pool
         self.source = source
@@ -194,36 +196,19 @@ class FrozenTeacher:
     def num_classes(self) -> int:
         return 0 if self.head is None else self.head.out_features
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def to(self, device: torch.device | str) -> None:
-        self.model.to(device)
-        if self.head is not None:
-            self.head.to(device)
+        self.frozen.to(device)
 
     def sha256(self) -> bytes:
         return weights_sha256([self.model] + ([self.head] if self.head is not None else []))
 
-    def _autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
-        """bf16 on GPU; on CPU the inputs' precision (float32 stays exact)."""
-        if x.is_cuda:
-            dtype = x.dtype if x.dtype == torch.float16 else torch.bfloat16
-            return torch.autocast("cuda", dtype=dtype)
-        if x.dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast("cpu", dtype=x.dtype)
-        return contextlib.nullcontext()
-
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, tokens: bool = False) -> TeacherOutput:
         """Run on ``x: (B, 3, H, W)``; with ``tokens`` also return the patch tokens."""
-        if self.device != x.device:
-            self.to(x.device)
-        self.model.eval()
         if not x.is_floating_point():
             x = x.float()
-        with self._autocast(x):
+        self.frozen.follow(x)
+        with self.frozen.autocast(x):
             if self.vit:
                 seq = forward_tokens(self.model, x)  # type: ignore[arg-type]  # (B, 1 + L, D)
                 emb = pool_tokens(seq, self.pool)

@@ -27,8 +27,7 @@ from torch import nn
 from models.backbones import create_backbone, embed, embed_dim, is_vit
 from models.methods.base import Batch, Method, StepContext
 from models.pretrained import PretrainedWeights
-from models.registry import register_method
-from train.config import ConfigError, MethodConfig
+from models.registry import MethodConfig, register_method
 
 POOLS = ("cls", "avg")
 
@@ -61,20 +60,21 @@ class FinetuneConfig(MethodConfig):
     """Pooled feature fed to the head: avg (mean of patch tokens, MAE) or cls."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_classes < 2:
-            raise ConfigError("method.num_classes must be >= 2")
+            raise ValueError("method.num_classes must be >= 2")
         if not 0.0 < self.layer_decay <= 1.0:
-            raise ConfigError("method.layer_decay must be in (0, 1]")
+            raise ValueError("method.layer_decay must be in (0, 1]")
         if self.mixup < 0 or self.cutmix < 0:
-            raise ConfigError("method.mixup and method.cutmix must be >= 0")
+            raise ValueError("method.mixup and method.cutmix must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("method.label_smoothing must be in [0, 1)")
+            raise ValueError("method.label_smoothing must be in [0, 1)")
         if self.freeze_epochs < 0 or self.unfreeze_blocks < 0 or self.unfreeze_lr_scale < 0:
-            raise ConfigError(
+            raise ValueError(
                 "method.freeze_epochs, unfreeze_blocks and unfreeze_lr_scale must be >= 0"
             )
         if self.global_pool not in POOLS:
-            raise ConfigError(f"method.global_pool must be one of {POOLS}")
+            raise ValueError(f"method.global_pool must be one of {POOLS}")
 
 
 def layer_id(name: str, num_blocks: int) -> int:

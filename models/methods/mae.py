@@ -17,9 +17,8 @@ from torch import nn
 
 from models.methods.base import Batch, Method
 from models.pos_embed import sincos_2d
-from models.registry import register_method
+from models.registry import MethodConfig, register_method
 from models.vit import create_vit, forward_tokens, num_patches
-from train.config import ConfigError, MethodConfig
 
 
 @dataclass
@@ -38,14 +37,15 @@ class MAEConfig(MethodConfig):
     """Regress per-patch normalised pixels (better features, per the paper)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError("method.mask_ratio must be in (0, 1)")
+            raise ValueError("method.mask_ratio must be in (0, 1)")
         if self.decoder_depth < 1 or self.decoder_dim < 1 or self.decoder_heads < 1:
-            raise ConfigError("method.decoder_depth, decoder_dim and decoder_heads must be >= 1")
+            raise ValueError("method.decoder_depth, decoder_dim and decoder_heads must be >= 1")
         if self.decoder_dim % self.decoder_heads:
-            raise ConfigError("method.decoder_heads must divide method.decoder_dim")
+            raise ValueError("method.decoder_heads must divide method.decoder_dim")
         if self.decoder_dim % 4:
-            raise ConfigError("method.decoder_dim must be divisible by 4 (2-D sin-cos positions)")
+            raise ValueError("method.decoder_dim must be divisible by 4 (2-D sin-cos positions)")
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """MoCo v3 (Chen, Xie & He 2021): query encoder with predictor, momentum key encoder.
 
 * Base branch: backbone -> projector -> predictor; momentum branch: an EMA copy of
-  backbone + projector (models.ema.EMATeacher, float32, not a registered submodule).
+  backbone + projector (models.methods.base.EMAMethod).
 * Loss: symmetrised InfoNCE against the keys of every rank, times ``2 * temperature``.
 * Momentum: cosine from ``momentum`` to 1 over training, a pure function of the step.
 * ``freeze_patch_embed``: the ViT's patch projection stays at its random init
@@ -14,24 +14,24 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from models.backbones import create_backbone, embed, embed_dim, is_vit
 from models.distributed import gather_no_grad
-from models.ema import EMATeacher, cosine_momentum
 from models.heads import maybe_sync_batchnorm, projection_mlp
 from models.losses import info_nce_loss
-from models.methods.base import Batch, Method, StepContext
-from models.registry import register_method
-from train.config import ConfigError, MethodConfig
+from models.methods.base import Batch, EMAMethod
+from models.registry import MethodConfig, register_method
 
 
 @dataclass
 class MoCoV3Config(MethodConfig):
     """MoCo v3's hyper-parameters (defaults: the paper's ViT settings)."""
+
+    has_teacher: ClassVar[bool] = True
 
     name: str = "mocov3"
     """The method's registry name."""
@@ -55,17 +55,18 @@ class MoCoV3Config(MethodConfig):
     """Keys kept from past batches as extra negatives (MoCo v2's queue); 0 turns it off."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.temperature <= 0:
-            raise ConfigError("method.temperature must be > 0")
+            raise ValueError("method.temperature must be > 0")
         if min(self.proj_layers, self.pred_layers, self.proj_hidden_dim, self.proj_out_dim) < 1:
-            raise ConfigError("method projector/predictor layers and dims must be >= 1")
+            raise ValueError("method projector/predictor layers and dims must be >= 1")
         if not 0.0 <= self.momentum <= 1.0:
-            raise ConfigError("method.momentum must be in [0, 1]")
+            raise ValueError("method.momentum must be in [0, 1]")
         if self.queue_size < 0:
-            raise ConfigError("method.queue_size must be >= 0")
+            raise ValueError("method.queue_size must be >= 0")
 
 
-class MoCoV3(Method):
+class MoCoV3(EMAMethod):
     queue: torch.Tensor
 
     def __init__(self, cfg: MoCoV3Config, backbone: torch.nn.Module) -> None:
@@ -82,22 +83,11 @@ class MoCoV3(Method):
         )
         self.queue_ptr = 0
         maybe_sync_batchnorm(self)  # before the copy: the key encoder syncs its norms too
-        # A plain object, so not registered: see models.ema.
-        self.teacher = EMATeacher({"backbone": self.backbone, "projector": self.projector})
-
-    def teacher_to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
-        """Move the teacher to ``device``. Its weights stay float32 whatever ``dtype`` (the run's
-        compute dtype): it computes in the inputs' dtype under autocast (see models.ema)."""
-        self.teacher.to(device)
+        self.init_teacher(("backbone", "projector"), cfg.momentum)
 
     def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = embed(self.backbone, x)  # (B, D)
         return h, self.predictor(self.projector(h))  # (B, P)
-
-    @torch.no_grad()
-    def _key(self, x: torch.Tensor) -> torch.Tensor:
-        with self.teacher.autocast(x):
-            return self.teacher["projector"](embed(self.teacher["backbone"], x)).float()
 
     def forward(self, batch: Batch) -> dict[str, Any]:
         views = batch["views"]
@@ -107,7 +97,7 @@ class MoCoV3(Method):
         self.teacher.follow(x1, self.training)
         h1, q1 = self._query(x1)
         h2, q2 = self._query(x2)
-        k1, k2 = self._key(x1), self._key(x2)
+        k1, k2 = self.teacher_output(x1, "projector"), self.teacher_output(x2, "projector")
         queue = None
         if self.cfg.queue_size:
             # A copy: the buffer is overwritten below, after the loss has used it.
@@ -127,18 +117,14 @@ class MoCoV3(Method):
         self.queue[index] = keys.to(device=self.queue.device, dtype=self.queue.dtype)
         self.queue_ptr = (self.queue_ptr + keys.shape[0]) % size
 
-    def after_step(self, ctx: StepContext) -> None:
-        m = cosine_momentum(self.cfg.momentum, ctx.progress)
-        self.teacher.update({"backbone": self.backbone, "projector": self.projector}, m)
-
     def extra_state(self) -> dict[str, torch.Tensor]:
-        state = self.teacher.state_dict()
+        state = super().extra_state()
         state["queue"] = self.queue.detach().clone()
         state["queue_ptr"] = torch.tensor(self.queue_ptr)
         return state
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.teacher.load_state_dict(state)
+        super().load_extra_state(state)
         self.queue.copy_(state["queue"])
         self.queue_ptr = int(state["queue_ptr"])
 

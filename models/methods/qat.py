@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from models.backbones import embed
+from models.ema import FrozenModules
 from models.fake_quant import distill_loss, prepare
 from models.methods.base import Method
 from models.pretrained import PretrainedWeights
-from models.registry import register_method
-from train.config import ConfigError, MethodConfig
+from models.registry import MethodConfig, register_method
 
 
 @dataclass
@@ -30,8 +30,9 @@ class QATConfig(MethodConfig):
     """ViT feature that is distilled: cls or avg."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.pool not in ("cls", "avg"):
-            raise ConfigError(f"method.pool must be cls or avg, got {self.pool!r}")
+            raise ValueError(f"method.pool must be cls or avg, got {self.pool!r}")
 
 
 class QATMethod(Method):
@@ -41,26 +42,26 @@ class QATMethod(Method):
     ``encoder.safetensors`` export loads into the plain float architecture.
     """
 
-    teacher: nn.Module  # a plain attribute, see __init__
-
     def __init__(self, cfg: QATConfig, encoder: nn.Module):
         """``encoder``: the float encoder to fine-tune (``method.init``, resolved by the
         entry point); the fake-quant student is a copy of it."""
         super().__init__()
         self.backbone = prepare(copy.deepcopy(encoder))
-        # The FP32 teacher is a plain attribute, not a submodule (as in models.methods.distil):
-        # outside parameters(), state_dict(), DeepSpeed's dtype cast and ZeRO-3 partitioning.
-        teacher = encoder.eval().requires_grad_(False)
-        object.__setattr__(self, "teacher", teacher)
+        # The FP32 reference is held outside the registered modules (models.ema): absent from
+        # parameters(), state_dict(), DeepSpeed's dtype cast and ZeRO-3 partitioning.
+        self.reference = FrozenModules({"teacher": encoder})
         for p in self.backbone.parameters():
             p.requires_grad_(True)
         self.pool = cfg.pool
         self._embed = embed
 
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen float32 encoder the fake-quantised backbone is distilled from."""
+        return self.reference["teacher"]
+
     def teacher_to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
-        """Move the teacher to ``device``; it stays float32 and runs under autocast when the
-        inputs are bf16/fp16."""
-        self.teacher.to(device)
+        self.reference.to(device)
 
     def train(self, mode: bool = True) -> QATMethod:
         super().train(mode)
@@ -71,8 +72,8 @@ class QATMethod(Method):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x = batch["views"][0]
-        low = x.dtype in (torch.bfloat16, torch.float16)
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=x.dtype, enabled=low):
+        self.reference.follow(x)
+        with torch.no_grad(), self.reference.autocast(x):
             t = self._embed(self.teacher, x, self.pool).float()  # (B, D)
         s = self._embed(self.backbone, x, self.pool)  # (B, D)
         loss = distill_loss(s, t, "embedding")
@@ -84,5 +85,5 @@ def build_qat(
     method_cfg: QATConfig, model_cfg: Any, weights: Mapping[str, PretrainedWeights]
 ) -> QATMethod:
     if "init" not in weights:
-        raise ConfigError("method.init is required: the encoder to fine-tune")
+        raise ValueError("method.init is required: the encoder to fine-tune")
     return QATMethod(method_cfg, weights["init"].build())

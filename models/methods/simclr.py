@@ -15,8 +15,7 @@ from models.backbones import create_backbone, embed, embed_dim
 from models.heads import maybe_sync_batchnorm, projection_mlp
 from models.losses import nt_xent_loss
 from models.methods.base import Batch, Method
-from models.registry import register_method
-from train.config import ConfigError, MethodConfig
+from models.registry import MethodConfig, register_method
 
 
 @dataclass
@@ -35,10 +34,11 @@ class SimCLRConfig(MethodConfig):
     """Dimension of the projection the loss compares."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.temperature <= 0:
-            raise ConfigError("method.temperature must be > 0")
+            raise ValueError("method.temperature must be > 0")
         if self.proj_layers < 1 or self.proj_hidden_dim < 1 or self.proj_out_dim < 1:
-            raise ConfigError("method.proj_layers, proj_hidden_dim and proj_out_dim must be >= 1")
+            raise ValueError("method.proj_layers, proj_hidden_dim and proj_out_dim must be >= 1")
 
 
 class SimCLR(Method):

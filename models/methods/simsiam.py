@@ -15,8 +15,7 @@ from models.backbones import create_backbone, embed, embed_dim
 from models.heads import maybe_sync_batchnorm, projection_mlp
 from models.losses import negative_cosine_loss
 from models.methods.base import Batch, Method
-from models.registry import register_method
-from train.config import ConfigError, MethodConfig
+from models.registry import MethodConfig, register_method
 
 
 @dataclass
@@ -37,10 +36,11 @@ class SimSiamConfig(MethodConfig):
     2021; SimSiam's fixed predictor lr serves the same end): 10 in the short CIFAR runs."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.predictor_lr_scale <= 0:
-            raise ConfigError("method.predictor_lr_scale must be > 0")
+            raise ValueError("method.predictor_lr_scale must be > 0")
         if self.proj_layers < 1 or self.proj_dim < 1 or self.pred_hidden_dim < 1:
-            raise ConfigError("method.proj_layers, proj_dim and pred_hidden_dim must be >= 1")
+            raise ValueError("method.proj_layers, proj_dim and pred_hidden_dim must be >= 1")
 
 
 class SimSiam(Method):

@@ -38,7 +38,6 @@ def srun_env(procid: int, localid: int, nodeid: int, **extra: str) -> dict[str, 
 def test_nothing_set_is_a_single_process() -> None:
     env = resolve_dist_env({})
     assert env == DistEnv(0, 1, 0, 1, 0, DEFAULT_ADDR, DEFAULT_PORT, "default")
-    assert not env.is_distributed
 
 
 def test_torchrun_variables() -> None:

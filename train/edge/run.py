@@ -28,10 +28,6 @@ EXIT_DROP = 3
 """Exit code when the INT8 model loses more than the accepted drop."""
 
 
-def _say(msg: str) -> None:
-    print(f"[export] {msg}", flush=True)
-
-
 def _variants(cfg: ExportConfig, fp32: Path, calib: Any, out: Path, kind: str) -> dict[str, Path]:
     """QOperator and U8S8 twins of the main INT8 model, for the format comparison."""
     made = {}
@@ -96,13 +92,13 @@ def run_export(
     train: ImageSet | None = None
     if kind == "embedding":
         train = load_images(d.train, img_size, d.bank_limit or None, d.train_index)
-    _say(f"data: {len(calib)} calibration, {len(val)} eval, {len(train or [])} bank images")
+    log.info(f"data: {len(calib)} calibration, {len(val)} eval, {len(train or [])} bank images")
 
     fp32 = out / "model.fp32.onnx"
     exported = export_onnx(
         model, fp32, img_size, exporter=cfg.exporter, opset=cfg.opset, rtol=cfg.fp32_rtol
     )
-    _say(f"FP32 ONNX ({exported.exporter}) max |diff| vs PyTorch {exported.max_abs_diff:.2e}")
+    log.info(f"FP32 ONNX ({exported.exporter}) max |diff| vs PyTorch {exported.max_abs_diff:.2e}")
     ts = (
         export_torchscript(model, out / "model.fp32.pt", img_size, rtol=cfg.fp32_rtol)
         if cfg.torchscript
@@ -123,7 +119,7 @@ def run_export(
         sensitivity.write_report(sens, out)
         worst = sensitivity.top_nodes(sens, cfg.sensitivity.exclude_top)
         settings.exclude = sorted(set(settings.exclude) | set(worst))
-        _say(f"sensitivity: {sens['num_nodes']} nodes scanned; kept in float: {worst}")
+        log.info(f"sensitivity: {sens['num_nodes']} nodes scanned; kept in float: {worst}")
     candidates = _quantize_schemes(fp32, calib.images, settings, out, kind)
     variants = _variants(cfg, fp32, calib, out, kind) if cfg.compare_formats else {}
     report = verify(fp32, candidates, kind, img_size, val, train, cfg.verify, extra_models=variants)
@@ -131,7 +127,7 @@ def run_export(
         settings = settings.for_scheme(report["scheme"])
     int8 = out / "model.int8.onnx"
     shutil.copyfile(candidates[report["scheme"]], int8)
-    _say(
+    log.info(
         f"INT8 {report['scheme']}: drop {report['drop']:.2f} points, speed-up "
         + ", ".join(f"b{b} {v:.2f}x" for b, v in report["speedup"].items())
         + f": {report['verdict']}"
@@ -182,7 +178,7 @@ def run_export(
         classes=val.classes,
         torchscript=ts,
     )
-    _say(f"artefact: {out} ({report['verdict']})")
+    log.info(f"artefact: {out} ({report['verdict']})")
     return report
 
 
@@ -191,7 +187,8 @@ def _recover_with_qat(cfg, model, img_size, kind, calib, val, train, settings, o
 
     pool = train if train is not None else calib
     labels = pool.labels if kind == "logits" else None
-    _say(f"PTQ drop {before['drop']:.2f} > {cfg.verify.max_drop}: QAT for {cfg.qat.steps} steps")
+    drop, steps = before["drop"], cfg.qat.steps
+    log.info(f"PTQ drop {drop:.2f} > {cfg.verify.max_drop}: QAT for {steps} steps")
     tuned, losses = qat_finetune(
         model,
         pool.images,
@@ -225,7 +222,7 @@ def _recover_with_qat(cfg, model, img_size, kind, calib, val, train, settings, o
         "qat_drop": report["drop"],
         "ptq_int8_accuracy": before["models"]["int8"]["accuracy"],
     }
-    _say(f"after QAT: drop {report['drop']:.2f} (PTQ: {before['drop']:.2f})")
+    log.info(f"after QAT: drop {report['drop']:.2f} (PTQ: {before['drop']:.2f})")
     return report, info
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from data_pipelines.labelled import LabelledReader
 from models.backbones import embed
+from models.distributed import world_size
 
 POOLS = ("cls", "avg")
 
@@ -37,19 +38,13 @@ class Features:
         return int(self.labels.max()) + 1
 
 
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_ordered(local: torch.Tensor, index: torch.Tensor, num_samples: int) -> torch.Tensor:
     """All ranks' rows ``local (n_r, ...)`` at global ``index (n_r,)`` -> ``(num_samples, ...)``.
 
     Every rank gets the full tensor. Rows are padded to the largest rank for ``all_gather``.
     """
     out = torch.zeros((num_samples, *local.shape[1:]), dtype=local.dtype)
-    _, size = world()
+    size = world_size()
     if size == 1:
         out[index] = local.cpu()
         return out
@@ -112,13 +107,13 @@ def run_model(
 def _output_dim(outs: list[torch.Tensor]) -> int:
     """Feature width, agreed by all ranks (a rank may have had no samples)."""
     dim = torch.tensor([outs[0].shape[1] if outs else 0])
-    if world()[1] > 1:
+    if world_size() > 1:
         dist.all_reduce(dim, op=dist.ReduceOp.MAX)
     return int(dim)
 
 
 def _backend_needs_device() -> bool:
-    return world()[1] > 1 and dist.get_backend() == "nccl"
+    return world_size() > 1 and dist.get_backend() == "nccl"
 
 
 def extract_features(

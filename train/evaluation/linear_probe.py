@@ -16,33 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.evaluation.config import LinearSection
 from train.evaluation.knn import topk_accuracy
-
-HEADS = ("bn_linear", "linear")
-OPTIMIZERS = ("sgd", "lars")
-
-
-@dataclass
-class ProbeSettings:
-    base_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
-    epochs: int = 100
-    batch_size: int = 256
-    head: str = "bn_linear"
-    optimizer: str = "sgd"
-    weight_decay: float = 0.0
-    warmup_epochs: int = 0
-    seed: int = 0
 
 
 def make_head(kind: str, dim: int, num_classes: int) -> nn.Module:
-    if kind not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
+    """``linear`` or ``bn_linear`` (checked by :class:`LinearSection`)."""
     linear = nn.Linear(dim, num_classes)
     nn.init.trunc_normal_(linear.weight, std=0.01)  # MAE's linear-probe init
     nn.init.zeros_(linear.bias)
@@ -62,9 +46,7 @@ class MultiHead(nn.Module):
         return torch.stack([h(x) for h in self.heads])
 
 
-def _optimizer(heads: MultiHead, s: ProbeSettings) -> tuple[torch.optim.Optimizer, list[float]]:
-    if s.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {s.optimizer!r}")
+def _optimizer(heads: MultiHead, s: LinearSection) -> tuple[torch.optim.Optimizer, list[float]]:
     peaks = [lr * s.batch_size / 256 for lr in s.base_lrs]
     groups = [
         {"params": list(h.parameters()), "lr": lr, "weight_decay": s.weight_decay}
@@ -87,7 +69,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 def _train_loop(
     heads: MultiHead,
-    s: ProbeSettings,
+    s: LinearSection,
     batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     steps_per_epoch: int,
     sync: Callable[[MultiHead], None] | None = None,
@@ -114,7 +96,7 @@ def _train_loop(
 
 @torch.no_grad()
 def _evaluate(
-    heads: MultiHead, feats: torch.Tensor, labels: torch.Tensor, s: ProbeSettings
+    heads: MultiHead, feats: torch.Tensor, labels: torch.Tensor, s: LinearSection
 ) -> dict:
     heads.eval()
     logits = torch.cat(
@@ -139,18 +121,19 @@ def train_probe(
     val_feats: torch.Tensor,
     val_labels: torch.Tensor,
     num_classes: int,
-    settings: ProbeSettings,
+    settings: LinearSection,
+    seed: int = 0,
 ) -> dict:
     """Train the heads on cached features; top-1/top-5 of the best learning rate on val.
 
-    Deterministic from ``settings.seed``: every rank computes the same result.
+    Deterministic from ``seed``: every rank computes the same result.
     """
     n = train_feats.shape[0]
     if int(train_labels.max()) >= num_classes or int(val_labels.max()) >= num_classes:
         raise ValueError(f"a label is >= num_classes={num_classes}")
-    gen = torch.Generator().manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(seed)
         heads = MultiHead(settings.head, train_feats.shape[1], num_classes, len(settings.base_lrs))
     bs = min(settings.batch_size, n)
     steps = n // bs  # drop the last partial batch (BatchNorm needs > 1 sample)
@@ -173,13 +156,14 @@ def train_probe_on_the_fly(
     val_feats: torch.Tensor,
     val_labels: torch.Tensor,
     num_classes: int,
-    settings: ProbeSettings,
+    settings: LinearSection,
+    seed: int = 0,
 ) -> dict:
     """Heads trained on freshly encoded (augmented) batches; gradients averaged over ranks."""
     import torch.distributed as dist
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(seed)
         heads = MultiHead(settings.head, dim, num_classes, len(settings.base_lrs))
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -67,9 +67,9 @@ class OnlineKNN:
             self._check_labels()
             if not self.enabled:
                 return None
-        from train.evaluation.features import world
+        from models import distributed
 
-        rank, size = world()
+        rank, size = distributed.rank(), distributed.world_size()
         reader = LabelledReader(
             self.val_shards,
             self.img_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -18,14 +19,16 @@ import torch
 import torch.distributed as dist
 
 from data_pipelines.labelled import NO_LABELS, LabelledReader, has_labels, open_source
+from models.distributed import rank, world_size
 from train.evaluation.config import EvalConfig
 from train.evaluation.encoders import Encoder, load_encoder
-from train.evaluation.features import Features, extract_features, run_model, world
+from train.evaluation.features import Features, extract_features, run_model
 from train.evaluation.knn import knn_classify, topk_accuracy
 from train.evaluation.label_subsets import stratified_subset
-from train.evaluation.linear_probe import ProbeSettings, train_probe, train_probe_on_the_fly
+from train.evaluation.linear_probe import train_probe, train_probe_on_the_fly
 from train.evaluation.results import markdown_table, write_results
 
+log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -44,11 +47,6 @@ def init_eval_distributed() -> torch.device:
     return torch.device("cpu")
 
 
-def _log(text: str) -> None:
-    if world()[0] == 0:
-        print(text, flush=True)
-
-
 def check_labelled(spec: str, index: str | None) -> None:
     if not has_labels(spec, index or None):
         raise ValueError(f"{spec}: {NO_LABELS}")
@@ -60,7 +58,7 @@ class Session:
     def __init__(self, cfg: EvalConfig) -> None:
         self.cfg = cfg
         self.device = init_eval_distributed()
-        self.rank, self.world = world()
+        self.rank, self.world = rank(), world_size()
         self.out = Path(cfg.output_dir)
         d = cfg.data
         check_labelled(d.train, d.train_index)
@@ -105,11 +103,11 @@ class Session:
             return self._feats[name, split]
         path = self._cache_path(name, split)
         if path is not None and path.is_file():
-            _log(f"reusing {split} features of the {name} encoder from {path}")
+            log.info(f"reusing {split} features of the {name} encoder from {path}")
             saved = torch.load(path, weights_only=True)
             feats = Features(saved["feats"], saved["labels"], saved["classes"] or None)
         else:
-            _log(f"extracting {split} features of the {name} encoder")
+            log.info(f"extracting {split} features of the {name} encoder")
             feats = extract_features(
                 self.encoders[name].model,
                 self.reader(split),
@@ -174,19 +172,6 @@ class Session:
         print(markdown_table(rows), flush=True)
         print(f"wrote {path} and {path.with_suffix('.md')}", flush=True)
 
-    def probe_settings(self) -> ProbeSettings:
-        lin = self.cfg.linear
-        return ProbeSettings(
-            base_lrs=tuple(lin.base_lrs),
-            epochs=lin.epochs,
-            batch_size=lin.batch_size,
-            head=lin.head,
-            optimizer=lin.optimizer,
-            weight_decay=lin.weight_decay,
-            warmup_epochs=lin.warmup_epochs,
-            seed=self.cfg.seed,
-        )
-
 
 def run_knn(cfg: EvalConfig) -> list[dict[str, Any]]:
     s = Session(cfg)
@@ -220,7 +205,9 @@ def run_linear(cfg: EvalConfig) -> list[dict[str, Any]]:
             train = s.features(name, "train")
             n = s.num_classes(train, val)
             res = (
-                train_probe(train.feats, train.labels, val.feats, val.labels, n, s.probe_settings())
+                train_probe(
+                    train.feats, train.labels, val.feats, val.labels, n, cfg.linear, cfg.seed
+                )
                 if s.rank == 0
                 else {}
             )
@@ -267,7 +254,8 @@ def _linear_on_the_fly(s: Session, name: str, val: Features) -> dict[str, Any]:
         val.feats,
         val.labels,
         n,
-        s.probe_settings(),
+        s.cfg.linear,
+        s.cfg.seed,
     )
 
 
@@ -297,14 +285,13 @@ def run_label_efficiency(cfg: EvalConfig) -> list[dict[str, Any]]:
                 row["knn_top1"] = res["distance/top1"]
             if "linear" in le.protocols and s.rank == 0:
                 settings = replace(
-                    s.probe_settings(), batch_size=min(cfg.linear.batch_size, max(2, len(sel)))
+                    cfg.linear, batch_size=min(cfg.linear.batch_size, max(2, len(sel)))
                 )
-                res = train_probe(
-                    train.feats[sel], train.labels[sel], val.feats, val.labels, n, settings
-                )
+                feats, labels = train.feats[sel], train.labels[sel]
+                res = train_probe(feats, labels, val.feats, val.labels, n, settings, cfg.seed)
                 row["linear_top1"] = res["top1"]
             rows.append(row)
-            _log(f"{name} {fraction:g}: {row}")
+            log.info(f"{name} {fraction:g}: {row}")
     if s.rank == 0:
         s.out.mkdir(parents=True, exist_ok=True)
         _plot_label_efficiency(rows, s.out / "label_efficiency.png")

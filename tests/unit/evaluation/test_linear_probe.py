@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from train.evaluation.linear_probe import ProbeSettings, lr_factor, train_probe
+from train.evaluation.config import LinearSection
+from train.evaluation.linear_probe import lr_factor, train_probe
 
 
 def _task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,7 +20,7 @@ def _task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_learns_a_linearly_separable_task() -> None:
     xt, yt = _task(2000, 0)
     xv, yv = _task(500, 1)
-    s = ProbeSettings(base_lrs=(0.1, 1.0, 3.0), epochs=30, batch_size=128)
+    s = LinearSection(base_lrs=[0.1, 1.0, 3.0], epochs=30, batch_size=128)
     res = train_probe(xt, yt, xv, yv, 5, s)
     assert res["top1"] > 95.0
     assert len(res["per_lr"]) == 3
@@ -28,7 +29,7 @@ def test_learns_a_linearly_separable_task() -> None:
 
 def test_deterministic_and_linear_head_lars() -> None:
     xt, yt = _task(300, 0)
-    s = ProbeSettings(base_lrs=(0.5,), epochs=3, batch_size=64, head="linear", optimizer="lars")
+    s = LinearSection(base_lrs=[0.5], epochs=3, batch_size=64, head="linear", optimizer="lars")
     a = train_probe(xt, yt, xt, yt, 5, s)
     b = train_probe(xt, yt, xt, yt, 5, s)
     assert a == b
@@ -44,10 +45,10 @@ def test_heads_in_one_pass_equal_heads_trained_alone() -> None:
         xv,
         yv,
         5,
-        ProbeSettings(base_lrs=(0.05, 2.0), epochs=2, batch_size=32, head="linear"),
+        LinearSection(base_lrs=[0.05, 2.0], epochs=2, batch_size=32, head="linear"),
     )
     alone = train_probe(
-        xt, yt, xv, yv, 5, ProbeSettings(base_lrs=(0.05,), epochs=2, batch_size=32, head="linear")
+        xt, yt, xv, yv, 5, LinearSection(base_lrs=[0.05], epochs=2, batch_size=32, head="linear")
     )
     assert both["per_lr"][0]["top1"] == alone["per_lr"][0]["top1"]
 

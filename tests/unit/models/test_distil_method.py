@@ -22,7 +22,7 @@ from models.methods.distil import (
 )
 from models.students import STUDENTS, apply_cifar_stem, create_student, student_shape
 from models.vit import create_vit
-from train.config import ConfigError, ModelConfig
+from train.config import ConfigError, ModelConfig, config_from_dict
 from train.weights import load_teacher, method_weights
 
 STUDENT = ModelConfig(name="mobilenetv3_small_100", img_size=32, patch_size=8, cifar_stem=True)
@@ -225,8 +225,10 @@ def test_cached_teacher_gives_the_online_losses(
     ],
 )
 def test_config_mistakes_are_one_line_errors(kw: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ValueError, match=message):
         DistilConfig(**{"teacher": "t", **kw})
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"method": {"name": "distil", "teacher": "t", **kw}})
 
 
 def test_loader_sample_id_is_the_position_in_the_shard_index(tmp_path: Path) -> None:

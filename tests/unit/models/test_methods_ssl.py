@@ -19,7 +19,7 @@ from models.methods.mocov3 import MoCoV3Config, build_mocov3
 from models.methods.simclr import SimCLRConfig, build_simclr
 from models.methods.simsiam import SimSiamConfig, build_simsiam
 from models.registry import create_method
-from train.config import ConfigError, ModelConfig
+from train.config import ConfigError, ModelConfig, config_from_dict
 
 VIT = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8)
 RESNET = ModelConfig(name="resnet18", img_size=8, patch_size=4, cifar_stem=True)
@@ -308,8 +308,10 @@ def test_wrong_number_of_views_is_a_value_error() -> None:
     ],
 )
 def test_invalid_configs_raise(cls: type, bad: dict[str, Any]) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="method"):  # models/ raises ValueError
         cls(**bad)
+    with pytest.raises(ConfigError, match=r"^method\.|^method "):  # the loader: one line
+        config_from_dict({"method": {"name": cls.name, **bad}})
 
 
 def test_registry_builds_each_method() -> None:

@@ -13,8 +13,8 @@ from train.config import (
     RECIPES_DIR,
     ConfigError,
     RunConfig,
+    config_from_dict,
     load_config,
-    read_saved_config,
     save_config,
 )
 from train.ds_config import DS_CONFIGS_DIR, build_ds_config, check_ds_config
@@ -87,7 +87,7 @@ def test_unknown_recipe() -> None:
 def test_saved_config_round_trips(tmp_path: Path) -> None:
     cfg = load_config("mae_vit_tiny_demo", ["method.decoder_depth=3"])
     save_config(cfg, tmp_path / "config.json")
-    again = read_saved_config(tmp_path / "config.json")
+    again = config_from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert again == cfg
     assert isinstance(again, RunConfig)
 

@@ -10,7 +10,7 @@ import torch
 
 from models.registry import create_method
 from train.config import load_config
-from train.schedules import cosine_increase, warmup_cosine
+from train.schedules import warmup_cosine
 
 
 def test_warmup_then_cosine() -> None:
@@ -22,12 +22,6 @@ def test_warmup_then_cosine() -> None:
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert warmup_cosine(total, total, peak, warm, 0.1) == pytest.approx(0.1)
-
-
-def test_cosine_increase_endpoints() -> None:
-    assert cosine_increase(0.0, 0.99) == pytest.approx(0.99)
-    assert cosine_increase(1.0, 0.99) == pytest.approx(1.0)
-    assert cosine_increase(0.5, 0.99) == pytest.approx(0.995)
 
 
 def test_no_weight_decay_on_norms_biases_and_tokens() -> None:

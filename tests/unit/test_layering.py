@@ -1,0 +1,84 @@
+"""Layers point one way: models/ and data_pipelines/ never import train/ (see STYLE.md)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LOWER = ("models", "data_pipelines")
+
+# Function-local imports of train/ still in lower layers. The first three read checkpoint
+# files to build a method; the weights resolver (train/weights.py) injects weights instead,
+# and this list shrinks to the benchmark entry point when that lands.
+KNOWN_LOCAL_IMPORTS = {
+    "models/methods/distil.py",
+    "models/methods/finetune.py",
+    "models/methods/qat.py",
+    "data_pipelines/benchmark.py",  # a GPU benchmark entry point that builds a ModelConfig
+}
+
+
+def test_importing_every_model_and_pipeline_module_loads_no_train_module() -> None:
+    """In a fresh interpreter: import every module of models/ (all methods registered) and
+    data_pipelines/, then look for train or train.* in sys.modules."""
+    code = """
+import importlib, json, pkgutil, sys
+import models, models.methods, data_pipelines
+from models.registry import create_method, method_config_class
+names = []
+for pkg in (models, data_pipelines):
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        importlib.import_module(info.name)
+        names.append(info.name)
+method_config_class("mae")  # fills the registry
+loaded = sorted(n for n in sys.modules if n == "train" or n.startswith("train."))
+print(json.dumps({"imported": names, "train": loaded}))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    methods = {n for n in out["imported"] if n.startswith("models.methods.")}
+    assert {"models.methods.mae", "models.methods.dino", "models.methods.qat"} <= methods
+    assert out["train"] == []
+
+
+def _train_imports(path: Path) -> list[int]:
+    """Line numbers of every ``import train...`` / ``from train... import`` in the file."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        if any(n == "train" or n.startswith("train.") for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_new_imports_of_train_in_lower_layers() -> None:
+    """Also function-local imports, which the import test above cannot see."""
+    found = {
+        str(p.relative_to(ROOT)): lines
+        for layer in LOWER
+        for p in sorted((ROOT / layer).rglob("*.py"))
+        if (lines := _train_imports(p))
+    }
+    assert set(found) <= KNOWN_LOCAL_IMPORTS, {
+        k: v for k, v in found.items() if k not in KNOWN_LOCAL_IMPORTS
+    }
+
+
+def test_the_scan_sees_function_local_imports(tmp_path: Path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text("import os\n\ndef f():\n    from train.config import X\n    import train\n")
+    assert _train_imports(src) == [4, 5]
