@@ -21,3 +21,10 @@ def cosine_increase(progress: float, start: float, end: float = 1.0) -> float:
     """From ``start`` at progress 0 to ``end`` at progress 1 along a half cosine (EMA momentum)."""
     p = min(1.0, max(0.0, progress))
     return end - (end - start) * (math.cos(math.pi * p) + 1.0) / 2.0
+
+
+def cosine_between(start: float, end: float, progress: float) -> float:
+    """``end + (start - end) * (1 + cos(pi * progress)) / 2``: ``start`` at 0, ``end`` at 1
+    (DINO's weight-decay schedule rises 0.04 -> 0.4 this way)."""
+    p = min(1.0, max(0.0, progress))
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * p))
