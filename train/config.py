@@ -118,9 +118,19 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     """Adam betas."""
     warmup_steps: int = 0
-    """Linear warm-up length in optimizer steps."""
+    """Linear warm-up length in optimizer steps (used when ``warmup_epochs`` is 0)."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up length in epochs (the papers' unit); converted to steps at start."""
     clip_grad: float = 0.0
-    """Clip the global gradient norm to this value (0: off)."""
+    """Clip gradients to this norm (0: off); see ``clip_mode``."""
+    clip_mode: str = "global"
+    """global (the norm of all gradients together, DeepSpeed's) or per_param (DINO's
+    ``clip_gradients``: each parameter's gradient norm separately; needs train.zero=zero0
+    and train.precision=fp32, where the optimizer sees whole parameters)."""
+    wd_schedule: str = "constant"
+    """constant, or cosine from ``weight_decay`` to ``weight_decay_end`` (DINO: 0.04 -> 0.4)."""
+    weight_decay_end: float = 0.0
+    """Final weight decay of the cosine schedule."""
     fused: bool = False
     """Use a fused AdamW kernel where the device has one."""
 
@@ -132,6 +142,20 @@ class OptimConfig:
             raise ConfigError("optim.base_lr must be > 0")
         if self.min_lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.clip_grad < 0:
             raise ConfigError("optim.min_lr, weight_decay, warmup_steps and clip_grad must be >= 0")
+        if self.warmup_epochs < 0 or (self.warmup_epochs > 0 and self.warmup_steps > 0):
+            raise ConfigError("give one of optim.warmup_epochs and optim.warmup_steps (>= 0)")
+        if self.clip_mode not in ("global", "per_param"):
+            raise ConfigError(
+                f"optim.clip_mode must be global or per_param, got {self.clip_mode!r}"
+            )
+        if self.wd_schedule not in ("constant", "cosine"):
+            raise ConfigError(
+                f"optim.wd_schedule must be constant or cosine, got {self.wd_schedule!r}"
+            )
+        if self.wd_schedule == "cosine" and (self.weight_decay <= 0 or self.weight_decay_end < 0):
+            raise ConfigError(
+                "optim.wd_schedule=cosine needs weight_decay > 0, weight_decay_end >= 0"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError("optim.betas must be two numbers in [0, 1)")
 
@@ -143,12 +167,22 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch, precision and DeepSpeed preset of the run."""
 
-    steps: int = 100
-    """Optimizer steps to train for."""
+    steps: int = 0
+    """Optimizer steps to train for; > 0 overrides ``epochs`` (short and test runs)."""
+    epochs: float = 0.0
+    """Run length in passes over the data (the papers' unit); steps are derived at start
+    from the data set size and the global batch (train/run_plan.py)."""
     micro_batch: int = 32
     """Images per rank per forward pass."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step (global batch = micro x accum x world)."""
+    """Micro-batches accumulated per optimizer step when ``global_batch`` is 0 (global batch
+    = micro x accum x world); derived from ``global_batch`` otherwise."""
+    global_batch: int = 0
+    """Target images per optimizer step, kept whatever the world size (accumulation is
+    derived); 0: micro x grad_accum x world size."""
+    allow_batch_change: bool = False
+    """When the world size cannot reach ``global_batch`` exactly, use the nearest reachable
+    one (peak lr follows the linear scaling rule; printed) instead of refusing."""
     precision: str = "bf16"
     """bf16, fp16 or fp32."""
     zero: str = "zero2"
@@ -163,8 +197,14 @@ class TrainConfig:
     """Stop with a checkpoint (exit code 75) after this step, as if preempted; 0: never."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.micro_batch < 1 or self.grad_accum < 1:
-            raise ConfigError("train.steps, train.micro_batch and train.grad_accum must be >= 1")
+        if self.micro_batch < 1 or self.grad_accum < 1 or self.steps < 0 or self.epochs < 0:
+            raise ConfigError(
+                "train.micro_batch and train.grad_accum must be >= 1, steps and epochs >= 0"
+            )
+        if self.steps == 0 and self.epochs == 0:
+            raise ConfigError("give the run length: train.epochs (or train.steps for short runs)")
+        if self.global_batch < 0:
+            raise ConfigError("train.global_batch must be >= 0")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
         if self.stop_at < 0:
@@ -313,6 +353,15 @@ def validate_cross(cfg: RunConfig) -> None:
         raise ConfigError(
             f"optim.name={cfg.optim.name} needs train.zero=zero0 and train.precision=fp32: "
             "ZeRO and DeepSpeed's bf16/fp16 optimizers hand it flat partitions, not layers"
+        )
+    if (
+        cfg.optim.clip_mode == "per_param"
+        and cfg.optim.clip_grad > 0
+        and (cfg.train.zero != "zero0" or cfg.train.precision != "fp32")
+    ):
+        raise ConfigError(
+            "optim.clip_mode=per_param needs train.zero=zero0 and train.precision=fp32: "
+            "ZeRO and DeepSpeed's bf16/fp16 optimizers hand the optimizer flat partitions"
         )
     if cfg.log.knn_every and not cfg.data.val_shards:
         raise ConfigError("log.knn_every needs data.val_shards (labelled shards)")

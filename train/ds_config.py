@@ -64,7 +64,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
             "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
             "gradient_accumulation_steps": cfg.train.grad_accum,
             "train_batch_size": cfg.global_batch(world_size),
-            "gradient_clipping": cfg.optim.clip_grad,
+            "gradient_clipping": cfg.optim.clip_grad if cfg.optim.clip_mode == "global" else 0.0,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
             # The optimizer is ours (param groups, LARS/LAMB); DeepSpeed only wraps it.

@@ -43,6 +43,7 @@ from train.ds_config import build_ds_config
 from train.metrics import RunLogger, peak_memory_mb
 from train.optim import build_optimizer
 from train.preemption import EXIT_REQUEUE, StopFlag
+from train.run_plan import plan_run, set_weight_decay
 from train.schedules import warmup_cosine
 from train.weights import method_weights
 
@@ -162,6 +163,7 @@ def run(cfg: RunConfig) -> int:
     from data_pipelines.transforms import build_transform
 
     rank, world, device = init_distributed()
+    cfg = plan_run(cfg, world, rank)  # epochs, global batch -> steps, accumulation (printed)
     run_dir = Path(cfg.train.output_dir)
     ckpt_root = run_dir / "checkpoints"
     ds_config = build_ds_config(cfg, world)
@@ -215,6 +217,7 @@ def run(cfg: RunConfig) -> int:
         cfg.optim.betas,
         cfg.optim.fused,
         cpu_offload=cfg.train.zero == "zero3_offload",
+        clip_per_param=cfg.optim.clip_grad if cfg.optim.clip_mode == "per_param" else 0.0,
     )
     resume_path = _resume_path(cfg, ckpt_root)
     if resume_path is not None and needs_universal(resume_path, world):
@@ -261,6 +264,7 @@ def run(cfg: RunConfig) -> int:
             )
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr * method.lr_scale(group, ctx)
+            set_weight_decay(engine.optimizer.param_groups, cfg.optim, step, cfg.train.steps)
             method.before_step(ctx)
             t0 = time.perf_counter()
             wait = 0.0

@@ -3,7 +3,7 @@
 * Student: backbone + :class:`models.heads.DINOHead` on every crop; teacher: an EMA copy of
   both (models.methods.base.EMAMethod) that sees the two global crops only.
 * Teacher outputs are centred (``center``: EMA with ``center_momentum`` of the batch mean
-  over all ranks) and sharpened (temperature warmed up linearly from
+  over all ranks) and sharpened (temperature warmed up per epoch from
   ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs``); or,
   with ``centering = "sinkhorn_knopp"`` (DINOv2), balanced over the prototypes across the
   global batch by :func:`models.losses.sinkhorn_knopp` at that temperature (the EMA center
@@ -64,8 +64,9 @@ class DINOConfig(MethodConfig):
     """Softmax temperature of the teacher after the warm-up."""
     warmup_teacher_temp: float = 0.04
     """Teacher temperature at step 0."""
-    warmup_teacher_temp_epochs: float = 0.0
-    """Epochs of linear teacher-temperature warm-up (30 in the ViT-S recipes)."""
+    warmup_teacher_temp_epochs: int = 0
+    """Epochs of teacher-temperature warm-up (30 in the authors' ViT recipes): epoch ``e``
+    uses ``linspace(warmup_teacher_temp, teacher_temp, W)[e]`` (the final value at W - 1)."""
     center_momentum: float = 0.9
     """EMA rate of the center of the teacher outputs."""
     centering: str = "center"
@@ -98,12 +99,15 @@ class DINOConfig(MethodConfig):
             raise ValueError("method.center_momentum and momentum must be in [0, 1]")
 
 
-def teacher_temperature(cfg: DINOConfig, epoch: float) -> float:
-    """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp``, then constant."""
-    if epoch >= cfg.warmup_teacher_temp_epochs:
+def teacher_temperature(cfg: DINOConfig, epoch: int) -> float:
+    """DINO's per-epoch schedule: ``np.linspace(warmup_teacher_temp, teacher_temp, W)``
+    indexed by the integer epoch (reaching ``teacher_temp`` at epoch W - 1), then constant."""
+    w = cfg.warmup_teacher_temp_epochs
+    if epoch >= w:
         return cfg.teacher_temp
-    frac = epoch / cfg.warmup_teacher_temp_epochs
-    return cfg.warmup_teacher_temp + frac * (cfg.teacher_temp - cfg.warmup_teacher_temp)
+    if w == 1:
+        return cfg.warmup_teacher_temp
+    return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * epoch / (w - 1)
 
 
 def embed_crops(backbone: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
@@ -140,7 +144,7 @@ class DINO(EMAMethod):
         self.init_teacher(("backbone", "head"), cfg.momentum)
         # A plain attribute, like the teacher: not cast to bf16 (saved in extra_state).
         self.center = torch.zeros(1, cfg.out_dim)  # float32, (1, K)
-        self.teacher_temp = teacher_temperature(cfg, 0.0)
+        self.teacher_temp = teacher_temperature(cfg, 0)
         self.head.last_layer_frozen = cfg.freeze_last_layer > 0
 
     def teacher_to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
@@ -148,7 +152,7 @@ class DINO(EMAMethod):
         self.center = self.center.to(device)
 
     def before_step(self, ctx: StepContext) -> None:
-        self.teacher_temp = teacher_temperature(self.cfg, ctx.epoch)
+        self.teacher_temp = teacher_temperature(self.cfg, ctx.step // max(1, ctx.steps_per_epoch))
         self.head.last_layer_frozen = ctx.epoch < self.cfg.freeze_last_layer
 
     def forward(self, batch: Batch) -> dict[str, Any]:

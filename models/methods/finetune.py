@@ -1,7 +1,10 @@
 """Supervised fine-tuning of a pretrained encoder, as a method of the one trainer.
 
-MAE's fine-tuning recipe (He et al., 2021, appendix A.3): a linear head on the pooled
-encoder output, layer-wise learning-rate decay (``lr_scale = layer_decay ** (L + 1 - i)``
+MAE's fine-tuning recipe (He et al., 2022, appendix A.1): a linear head on the pooled
+encoder output (with ``global_pool = "avg"``, MAE's and timm's ``global_pool='avg'``: the
+final norm is dropped and a new ``fc_norm`` normalises the mean of the patch tokens), the
+position embedding trained (loaded from pretraining, layer 0 of the decay, no weight
+decay), layer-wise learning-rate decay (``lr_scale = layer_decay ** (L + 1 - i)``
 for layer ``i``: 0 = patch/position/class embeddings, 1..L = blocks, L + 1 = final norm and
 head), drop path (``model.drop_path_rate``), Mixup 0.8 / CutMix 1.0 with soft-target cross
 entropy, label smoothing 0.1. Warm-up and cosine come from the trainer's schedule.
@@ -95,7 +98,15 @@ class Finetune(Method):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.head = nn.Linear(embed_dim(backbone), cfg.num_classes)
+        dim = embed_dim(backbone)
+        self.fc_norm: nn.Module | None = None
+        if is_vit(backbone):
+            vit: Any = backbone
+            vit.pos_embed.requires_grad_(True)  # fixed sin-cos in pretraining, trained here
+            if cfg.global_pool == "avg":
+                vit.norm = nn.Identity()  # timm's use_fc_norm: normalise the mean instead
+                self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, cfg.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head init
         nn.init.zeros_(self.head.bias)
         self.num_blocks = len(backbone.blocks) if hasattr(backbone, "blocks") else 0  # type: ignore[arg-type]
@@ -115,7 +126,10 @@ class Finetune(Method):
 
     def logits(self, imgs: torch.Tensor) -> torch.Tensor:
         pool = self.cfg.global_pool if is_vit(self.backbone) else "cls"
-        return self.head(embed(self.backbone, imgs, pool))  # (B, C)
+        feats = embed(self.backbone, imgs, pool)  # (B, D); avg: mean of un-normalised tokens
+        if self.fc_norm is not None:
+            feats = self.fc_norm(feats)
+        return self.head(feats)  # (B, C)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         imgs, labels = batch["views"][0], batch["label"]

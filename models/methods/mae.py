@@ -92,6 +92,28 @@ def masked_mse(
     return (per_patch * mask).sum() / mask.sum()
 
 
+@torch.no_grad()
+def mae_init_(model: MAE) -> None:
+    """The official ``MaskedAutoencoderViT.initialize_weights``, encoder included: the patch
+    projection Xavier-uniform on its flattened ``(D, 3*p*p)`` weight, class and mask tokens
+    N(0, 0.02), then one ``apply`` over the whole model: every ``nn.Linear`` Xavier-uniform
+    with zero bias (encoder qkv/proj/fc1/fc2 too, not timm's truncated normal), every
+    LayerNorm weight 1, bias 0. Position tables stay fixed sin-cos."""
+    w = model.backbone.patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    assert model.backbone.cls_token is not None  # create_vit guarantees it
+    nn.init.normal_(model.backbone.cls_token, std=0.02)
+    nn.init.normal_(model.mask_token, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class MAE(Method):
     """Encoder = ``self.backbone`` (a timm ViT, exported); decoder is dropped after pretraining."""
 
@@ -118,12 +140,7 @@ class MAE(Method):
             block.attn.fused_attn = True  # type: ignore[union-attr]
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dim, self.patch_size**2 * 3)
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        mae_init_(self)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}

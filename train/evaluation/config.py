@@ -18,7 +18,8 @@ class EncoderSection:
     """Which encoder is evaluated and which features are read from it."""
 
     checkpoint: str = ""
-    """Run directory, checkpoint directory, encoder.safetensors, or random:<timm_name>."""
+    """Run directory, checkpoint directory, encoder.safetensors, random:<timm_name>, or
+    pixels (the flattened normalised image: the raw-pixel baseline)."""
     pool: str = "cls"
     """ViT feature: cls (class token) or avg (mean of patch tokens); CNNs always average."""
     img_size: int = 32
@@ -27,6 +28,8 @@ class EncoderSection:
     """Patch size of a random:<timm_name> encoder."""
     compare_random: bool = True
     """Also evaluate a randomly initialised encoder of the same architecture."""
+    compare_pixels: bool = False
+    """Also evaluate raw pixels (the flattened normalised image) as features."""
     seed: int = 0
     """Seed of the random initialisation."""
 

@@ -4,6 +4,8 @@ random init.
 An encoder spec is whatever :func:`train.weights.resolve_weights` accepts (run directory,
 checkpoint, exported ``encoder.safetensors``, ...) or ``random:<timm_name>``: a randomly
 initialised backbone of that name (``img_size`` and ``patch_size`` from the caller).
+``pixels`` is no network: the normalised image flattened to ``3 * img_size**2`` numbers (the
+raw-pixel baseline: a learnt feature is only useful where it beats this).
 
 ``random_init=True`` builds the architecture of any spec with fresh weights (the baseline
 that every pretrained number is compared with); its weights depend only on ``seed``.
@@ -22,6 +24,22 @@ from train.config import ModelConfig
 from train.weights import check_arch, model_config, resolve_weights
 
 RANDOM_PREFIX = "random:"
+PIXELS = "pixels"
+
+
+class PixelEncoder(nn.Module):
+    """The identity feature: ``(B, 3, H, W)`` normalised images -> ``(B, 3*H*W)``.
+
+    Written by hand because it is the baseline itself: no timm model flattens its input.
+    ``num_features`` lets linear heads size themselves as for any backbone.
+    """
+
+    def __init__(self, img_size: int) -> None:
+        super().__init__()
+        self.num_features = 3 * img_size * img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).float()
 
 
 @dataclass
@@ -33,7 +51,7 @@ class Encoder:
     source: str
     """The resolved checkpoint or weights file, or ``random:<name>``."""
     kind: str
-    """checkpoint, export, state_dict or random."""
+    """checkpoint, export, state_dict, random or pixels."""
     info: dict[str, Any] = field(default_factory=dict)
     """Step, method and other metadata of the checkpoint."""
 
@@ -55,6 +73,10 @@ def load_encoder(
     ``expect``, when given, is the architecture the caller needs (name, img_size, patch_size):
     a checkpoint of another architecture is refused.
     """
+    if spec == PIXELS:
+        arch = model_config({"name": PIXELS, "img_size": img_size, "patch_size": 1})
+        pixels = PixelEncoder(img_size).eval()
+        return Encoder(pixels, arch, PIXELS, PIXELS, {"img_size": img_size})
     if spec.startswith(RANDOM_PREFIX):
         raw = {"name": spec[len(RANDOM_PREFIX) :], "img_size": img_size, "patch_size": patch_size}
         weights, arch = None, model_config(raw)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from data_pipelines.labelled import NO_LABELS, LabelledReader, has_labels, open_source
 from models.distributed import rank, world_size
 from train.evaluation.config import EvalConfig
-from train.evaluation.encoders import Encoder, load_encoder
+from train.evaluation.encoders import PIXELS, Encoder, load_encoder
 from train.evaluation.features import Features, extract_features, run_model
 from train.evaluation.knn import knn_classify, topk_accuracy
 from train.evaluation.label_subsets import stratified_subset
@@ -65,8 +65,11 @@ class Session:
         check_labelled(d.val, d.val_index)
         e = cfg.encoder
         self.encoders = {"pretrained": self._load(random_init=False)}
-        if e.compare_random and self.encoders["pretrained"].kind != "random":
+        first = self.encoders["pretrained"]
+        if e.compare_random and first.kind not in ("random", PIXELS):
             self.encoders["random"] = self._load(random_init=True)
+        if e.compare_pixels and first.kind != PIXELS:
+            self.encoders[PIXELS] = load_encoder(PIXELS, img_size=first.arch.img_size)
         self._feats: dict[tuple[str, str], Features] = {}
 
     def _load(self, random_init: bool) -> Encoder:
@@ -138,7 +141,7 @@ class Session:
         else:
             spec = (d.val, d.val_index, d.val_limit)
         source = enc.describe()
-        if enc.kind != "random":  # a re-written checkpoint gets new features
+        if enc.kind not in ("random", PIXELS):  # a re-written checkpoint gets new features
             source["mtime"] = Path(enc.source).stat().st_mtime
         key = json.dumps([source, e.pool, spec, self.cfg.precision], sort_keys=True, default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]

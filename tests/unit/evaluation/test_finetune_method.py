@@ -80,3 +80,37 @@ def test_config_checks() -> None:
         build_dataclass(FinetuneConfig, {"layer_decay": 1.5}, "method")
     with pytest.raises(ConfigError, match="unknown key"):
         build_dataclass(FinetuneConfig, {"mixupp": 0.1}, "method")
+
+
+def test_avg_pool_head_is_timms_fc_norm_head() -> None:
+    """Same weights in timm's VisionTransformer(global_pool='avg') (which drops the final
+    norm and normalises the mean of the patch tokens with a new fc_norm, as MAE's
+    models_vit.py does): identical logits. Normalise-then-average differs."""
+    import timm
+
+    torch.manual_seed(0)
+    method = _method(global_pool="avg").eval()
+    ref = timm.create_model(
+        TINY_VIT["name"], img_size=32, patch_size=8, num_classes=10, global_pool="avg"
+    ).eval()
+    state = {k[len("backbone.") :]: v for k, v in method.state_dict().items() if "backbone." in k}
+    with torch.no_grad():
+        method.fc_norm.weight.normal_()  # type: ignore[union-attr]
+        method.head.weight.normal_()
+    state.update({f"fc_norm.{k}": v for k, v in method.fc_norm.state_dict().items()})  # type: ignore[union-attr]
+    state.update({f"head.{k}": v for k, v in method.head.state_dict().items()})
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and not missing
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(method.logits(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_position_embedding_is_trained_with_layer_decay_and_no_weight_decay() -> None:
+    method = _method(layer_decay=0.5)
+    assert method.backbone.pos_embed.requires_grad  # type: ignore[union-attr]
+    groups = method.param_groups(0.05)
+    pos = method.backbone.pos_embed  # type: ignore[union-attr]
+    (group,) = [g for g in groups if any(p is pos for p in g["params"])]
+    assert group["weight_decay"] == 0.0
+    assert group["lr_scale"] == pytest.approx(mae_lrd_scale("pos_embed", 12 + 1, 0.5))

@@ -8,15 +8,26 @@ einops, gather on indices and timm's ViT, is checked against the original formul
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
-from models.methods.mae import MAE, MAEConfig, masked_mse, patchify, random_masking, unpatchify
+from models.methods.mae import (
+    MAE,
+    MAEConfig,
+    build_mae,
+    masked_mse,
+    patchify,
+    random_masking,
+    unpatchify,
+)
 from models.pos_embed import sincos_2d
 from models.vit import create_vit, forward_tokens
+from train.config import ModelConfig
 
 
 # ---------------------------------------------------------------- reference (numpy) sin-cos
@@ -274,3 +285,41 @@ def test_reconstruct_pastes_visible_patches() -> None:
     _, mask, _ = random_masking(2, 16, cfg.mask_ratio, noise)
     visible = patchify(recon, 8)[mask == 0]
     torch.testing.assert_close(visible, patchify(imgs, 8)[mask == 0])
+
+
+def test_initialisation_is_the_official_one_layer_by_layer() -> None:
+    """He et al. 2022 (official models_mae.py initialize_weights): Xavier-uniform for every
+    Linear, encoder blocks included, so each weight's std is sqrt(2 / (fan_in + fan_out))
+    (uniform on +-sqrt(6 / (fan_in + fan_out))); zero biases; LayerNorm 1 / 0; the patch
+    projection Xavier on its flattened weight; class and mask tokens N(0, 0.02).
+    Tolerance: the std of n i.i.d. samples has relative standard error ~ sqrt(1 / (2n))
+    (uniform: sqrt(0.8 / (4n)) from its kurtosis 1.8); 5 of those."""
+    torch.manual_seed(0)
+    cfg = MAEConfig(decoder_dim=64, decoder_depth=2, decoder_heads=4)
+    method = build_mae(cfg, ModelConfig(name="vit_small_patch16_224", img_size=32, patch_size=4))
+    checked = 0
+    for name, m in method.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            fan_out, fan_in = m.weight.shape
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            n = m.weight.numel()
+            tol = 5 * math.sqrt(0.8 / (4 * n))
+            assert m.weight.std().item() == pytest.approx(
+                math.sqrt(2.0 / (fan_in + fan_out)), rel=tol
+            ), name
+            assert m.weight.abs().max().item() <= bound, name
+            assert m.bias is None or torch.count_nonzero(m.bias) == 0, name
+            checked += 1
+        elif isinstance(m, torch.nn.LayerNorm):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
+    assert checked >= 4 * 12 + 4 * 2 + 2  # every encoder block's qkv, proj, fc1, fc2
+    qkv = method.backbone.blocks[0].attn.proj.weight
+    assert qkv.std().item() == pytest.approx(math.sqrt(2 / (384 + 384)), rel=0.02)  # 0.051
+    w = method.backbone.patch_embed.proj.weight.flatten(1)  # (D, 3 p p)
+    fan_out, fan_in = w.shape
+    assert w.std().item() == pytest.approx(
+        math.sqrt(2.0 / (fan_in + fan_out)), rel=5 * math.sqrt(0.8 / (4 * w.numel()))
+    )
+    for token in (method.backbone.cls_token, method.mask_token):
+        n = token.numel()
+        assert token.std().item() == pytest.approx(0.02, rel=5 * math.sqrt(1 / (2 * n)))
