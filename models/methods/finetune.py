@@ -189,10 +189,10 @@ class Finetune(Method):
 
 @register_method("finetune", FinetuneConfig)
 def build_finetune(
-    cfg: FinetuneConfig, model_cfg: Any, weights: Mapping[str, PretrainedWeights]
+    cfg: FinetuneConfig, model_cfg: Any, weights: Mapping[str, PretrainedWeights] | None = None
 ) -> Finetune:
     """``weights["init"]`` (resolved from ``method.init`` to fit ``model``) or a random init."""
     backbone = create_backbone(model_cfg)
-    if "init" in weights:
+    if weights and "init" in weights:
         weights["init"].load_into(backbone)
     return Finetune(cfg, backbone)
