@@ -1,7 +1,8 @@
 """``python -m train.pretrain RECIPE [section.key=value ...]``: pretrain one model.
 
 Launch it as is (one process), or under ``torchrun``, ``deepspeed`` or ``srun``.
-Exit codes: 0 done, 2 bad configuration or input, 75 stopped by a signal after a checkpoint.
+Exit codes: 0 done, 2 bad configuration or input, 3 loss still non-finite after
+``train.max_rollbacks`` rollbacks, 75 stopped by a signal after a checkpoint.
 """
 
 from __future__ import annotations
