@@ -21,8 +21,6 @@ from timm.models.vision_transformer import VisionTransformer
 from models.flops import mae_forward_flops
 from models.registry import create_method
 from train.config import load_config
-from train.ds_config import build_ds_config
-from train.optim import build_optimizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -66,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="skip the matmul measurement")
     args = p.parse_args(argv)
 
-    import deepspeed
-
+    from train.engine import build_engine
     from train.trainer import init_distributed
 
     _, world, device = init_distributed()
@@ -82,14 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         f"train.precision={args.precision}",
         f"train.zero={args.zero}",
         f"model.grad_checkpointing={str(args.grad_checkpointing).lower()}",
+        f"optim.fused={str(device.type == 'cuda').lower()}",
     ]
     cfg = load_config("mae_vit_tiny_demo", overrides)
     method = create_method(cfg.method, cfg.model)
-    groups = method.param_groups(0.05)
-    opt = build_optimizer("adamw", groups, 1e-4, (0.9, 0.95), device.type == "cuda", False)
-    engine, _, _, _ = deepspeed.initialize(
-        model=method, optimizer=opt, config=build_ds_config(cfg, world), dist_init_required=False
-    )
+    engine = build_engine(cfg, method, world, device).engine  # as the trainer builds it
     dtype = DTYPES[args.precision]
     imgs = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
     batch = {"views": [imgs]}

@@ -25,6 +25,8 @@ EXIT_VERIFY = 3
 """A result failed its verification (INT8 lost more than ``verify.max_drop``)."""
 EXIT_STAGE = 4
 """A stage of ``train.export pipeline`` failed; its report names the stage and why."""
+EXIT_DIVERGED = 5
+"""Training stopped: loss or gradient norm still non-finite after ``train.max_rollbacks``."""
 EXIT_REQUEUE = 75
 """Stopped by a signal (or ``train.stop_at``) after a checkpoint: run it again to resume."""
 
@@ -34,6 +36,7 @@ EXIT_CODES = {
     EXIT_USAGE: "bad configuration or input, reported on one line",
     EXIT_VERIFY: "a result failed its verification (INT8 accuracy drop > verify.max_drop)",
     EXIT_STAGE: "a stage of the pipeline failed (report.md names it and why)",
+    EXIT_DIVERGED: "training diverged: non-finite loss after train.max_rollbacks rollbacks",
     EXIT_REQUEUE: "stopped by a signal after a checkpoint; run again to resume",
 }
 

@@ -195,6 +195,9 @@ class TrainConfig:
     """torch.compile every block in place (ViT blocks, ResNet blocks)."""
     stop_at: int = 0
     """Stop with a checkpoint (exit code 75) after this step, as if preempted; 0: never."""
+    max_rollbacks: int = 3
+    """On a non-finite loss or gradient norm, reload the last complete checkpoint and skip
+    the offending batch, at most this many times; then stop (exit code 3). 0: stop at once."""
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.grad_accum < 1 or self.steps < 0 or self.epochs < 0:
@@ -209,6 +212,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
         if self.stop_at < 0:
             raise ConfigError("train.stop_at must be >= 0")
+        if self.max_rollbacks < 0:
+            raise ConfigError("train.max_rollbacks must be >= 0")
         if self.zero not in ZERO_PRESETS:
             raise ConfigError(f"train.zero={self.zero!r} is not one of {ZERO_PRESETS}")
 

@@ -1,7 +1,8 @@
 """``python -m train.pretrain RECIPE [section.key=value ...]``: pretrain one model.
 
 Launch it as is (one process), or under ``torchrun``, ``deepspeed --module`` or ``srun``.
-Exit codes: 0 done, 2 bad configuration or input, 75 stopped by a signal after a checkpoint.
+Exit codes: 0 done, 2 bad configuration or input, 5 loss still non-finite after
+``train.max_rollbacks`` rollbacks, 75 stopped by a signal after a checkpoint.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from train.cli import (
+    EXIT_DIVERGED,
     EXIT_OK,
     EXIT_REQUEUE,
     EXIT_USAGE,
@@ -33,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser(
         "python -m train.pretrain",
         DESCRIPTION,
-        recipes_help("pretrain") + "\n\n" + exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_REQUEUE),
+        recipes_help("pretrain")
+        + "\n\n"
+        + exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_REQUEUE),
     )
     args = parser.parse_intermixed_args(argv)
     setup_logging()

@@ -1,22 +1,35 @@
 """The one training loop: any method, any ZeRO preset, CPU (gloo) or GPU (NCCL).
 
-``run(cfg)`` builds everything from a validated :class:`RunConfig`, resumes when asked,
-trains for ``cfg.train.steps`` optimizer steps, checkpoints, exports the encoder and
-returns the process exit code (0, or :data:`EXIT_REQUEUE` after a signal).
+``run(cfg)`` builds a :class:`Trainer` from a validated :class:`RunConfig` and calls
+``fit()``: it resumes when asked, trains for ``cfg.train.steps`` optimizer steps, runs the
+periodic hooks (``train.hooks``), checkpoints, exports the encoder and returns the process
+exit code (0, :data:`EXIT_REQUEUE` after a signal, :data:`EXIT_DIVERGED`).
 The loop never looks at the method's name: it calls ``forward``, ``before_step`` and
 ``after_step``, and logs what ``forward`` returns.
+
+Host syncs and the NaN rollback. A step reads nothing back from the device: its scalar
+outputs are summed there and "the first non-finite step" is a device flag
+(:class:`train.metrics.StepMetrics`). The flag is read, collectively, only before a hook
+runs (logging, k-NN, monitors, pictures, checkpoints) or the run stops. Checkpoints are
+therefore only ever written after a clean check, so when the flag names step ``s`` the
+latest complete checkpoint before ``s`` is sound: the trainer reloads it (weights,
+optimizer, teacher, RNG, :class:`TrainState`), cuts the logs back to it, replays the steps
+up to ``s - 1`` on the same batches and seeds, skips the batch of step ``s`` (one global
+batch; the step number is not consumed) and goes on. The replay is what makes the result
+equal to an uninterrupted run that skipped that batch; the price of reading the flag late
+is the steps between ``s`` and the check, thrown away. After ``train.max_rollbacks``
+rollbacks the run stops with a one-line message and :data:`EXIT_DIVERGED`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,22 +39,29 @@ import torch
 import torch.distributed as dist
 
 from data_pipelines.transforms import model_input
-from models.distributed import world_size
 from models.methods.base import Method, StepContext
 from models.registry import create_method
-from models.vit import token_parameters
 from train.checkpoint import (
-    ensure_universal,
+    complete_checkpoints,
     ensure_writable,
     latest_complete,
     load_checkpoint,
-    needs_universal,
     save_checkpoint,
 )
+from train.cli import EXIT_DIVERGED
 from train.config import RunConfig, save_config
 from train.ds_config import build_ds_config
-from train.metrics import RunLogger, peak_memory_mb
-from train.optim import build_optimizer
+from train.engine import build_engine
+from train.hooks import (
+    Checkpoint,
+    CollapseMonitor,
+    Hook,
+    LogScalars,
+    OnlineKNNHook,
+    Pictures,
+    Window,
+)
+from train.metrics import RunLogger, StepMetrics
 from train.preemption import EXIT_REQUEUE, StopFlag
 from train.run_plan import plan_run, set_weight_decay
 from train.schedules import warmup_cosine
@@ -49,6 +69,12 @@ from train.weights import method_weights
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 """A dead rank fails the job after this long instead of hanging it."""
+
+"""Exit code when the loss stayed non-finite through ``train.max_rollbacks`` rollbacks."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Non-finite loss or gradient norm that rollbacks could not get past."""
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -104,6 +130,78 @@ def data_position(
     return DataPosition(consumed // batches_per_epoch, consumed % batches_per_epoch)
 
 
+@dataclass
+class RunPlan:
+    """What the run will do, resolved once from the config, the world size and the data.
+
+    The one place where derived quantities are computed (steps, batches, learning rate);
+    every other part of the trainer reads them from here.
+    """
+
+    steps: int
+    accum: int
+    micro_world: int
+    """Images per micro-step over all ranks (micro batch x world size)."""
+    global_batch: int
+    """Images per optimizer step (micro batch x accumulation x world size)."""
+    batches_per_epoch: int
+    """Micro-batches of one rank in one pass over the data."""
+    steps_per_epoch: int
+
+    @classmethod
+    def resolve(cls, cfg: RunConfig, world: int, batches_per_epoch: int) -> RunPlan:
+        accum = cfg.train.grad_accum
+        return cls(
+            steps=cfg.train.steps,
+            accum=accum,
+            micro_world=cfg.train.micro_batch * world,
+            global_batch=cfg.global_batch(world),
+            batches_per_epoch=batches_per_epoch,
+            steps_per_epoch=max(1, batches_per_epoch // accum),
+        )
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what a checkpoint saves (``meta.json``) and a resume or rollback
+    restores. The data position (epoch, batch in epoch) is a pure function of
+    ``samples_seen``; the random state is too: every micro-step reseeds torch from (seed,
+    step, micro-step, rank), and the checkpoint keeps each rank's generator states besides.
+    """
+
+    seed: int
+    step: int = 0
+    """Optimizer steps completed."""
+    samples_seen: int = 0
+    """Images consumed over all ranks, skipped batches included."""
+    rollbacks: int = 0
+    """Rollbacks after a non-finite step so far (not restored by a rollback)."""
+    skip_at: set[int] = field(default_factory=set)
+    """Steps whose batch is skipped when reached (set by a rollback, consumed by the replay
+    before any later checkpoint, so never saved)."""
+
+    def position(self, plan: RunPlan) -> DataPosition:
+        return data_position(self.samples_seen, plan.micro_world, plan.batches_per_epoch)
+
+    def micro_seed(self, micro: int, rank: int) -> int:
+        return step_seed(self.seed, self.step, micro, rank)
+
+    def to_meta(self, plan: RunPlan, world: int) -> dict[str, Any]:
+        pos = self.position(plan)
+        return {
+            "world_size": world,
+            "epoch": pos.epoch,
+            "batch_in_epoch": pos.batch,
+            "samples_seen": self.samples_seen,
+            "rollbacks": self.rollbacks,
+        }
+
+    def load_meta(self, meta: dict[str, Any]) -> None:
+        self.step = int(meta["step"])
+        self.samples_seen = int(meta["samples_seen"])
+        self.rollbacks = int(meta.get("rollbacks", 0))
+
+
 def _to_device(
     batch: dict[str, Any],
     device: torch.device,
@@ -122,15 +220,6 @@ def _to_device(
     if "label" in batch:
         out["label"] = batch["label"].to(device)
     return out
-
-
-def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist(), strict=True))
 
 
 class Batches:
@@ -155,217 +244,18 @@ class Batches:
         return batch
 
 
-def run(cfg: RunConfig) -> int:
-    import deepspeed
+@dataclass
+class StepResult:
+    """What one optimizer step leaves for the hooks (device tensors, not read yet)."""
 
-    from data_pipelines.device_augment import DeviceViews
-    from data_pipelines.loader import build_loader
-    from data_pipelines.transforms import build_transform
-
-    rank, world, device = init_distributed()
-    cfg = plan_run(cfg, world, rank)  # epochs, global batch -> steps, accumulation (printed)
-    run_dir = Path(cfg.train.output_dir)
-    ckpt_root = run_dir / "checkpoints"
-    ds_config = build_ds_config(cfg, world)
-    ensure_writable(run_dir)  # a read-only output is one line, not an OSError later
-    if rank == 0:
-        save_config(cfg, run_dir / "config.json")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-
-    transform = build_transform(
-        cfg.data.augmentation,
-        cfg.model.img_size,
-        local_crops=cfg.data.local_crops,
-        local_crop_size=cfg.data.local_crop_size,
-        uint8=cfg.data.uint8_views,
-    )
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    method: Method = create_method(cfg.method, cfg.model, method_weights(cfg.method, cfg.model))
-    loader = build_loader(
-        cfg.data.train_shards,
-        transform=transform,
-        micro_batch=cfg.train.micro_batch,
-        rank=rank,
-        world_size=world,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.train.seed,
-        index_path=cfg.data.index or None,
-        with_labels=method.uses_labels,
-        max_skip_fraction=cfg.data.max_skip_fraction,
-        resampled=cfg.data.resampled,
-        decode_min_size=None if cfg.data.decode_on_device else transform.decode_min_size,
-        decode_on_device=cfg.data.decode_on_device,
-    )
-    device_views = (
-        DeviceViews.from_transform(transform, device) if cfg.data.decode_on_device else None
-    )
-    accum = cfg.train.grad_accum
-    steps_per_epoch = max(1, loader.batches_per_epoch // accum)
-
-    _apply_speed_switches(method, cfg)
-    zero3 = ds_config["zero_optimization"]["stage"] == 3
-    if zero3:
-        for p in token_parameters(method):
-            deepspeed.zero.register_external_parameter(method, p)
-    groups = method.param_groups(cfg.optim.weight_decay)
-    global_batch = cfg.global_batch(world)
-    peak_lr = cfg.optim.peak_lr(global_batch)
-    optimizer = build_optimizer(
-        cfg.optim.name,
-        groups,
-        peak_lr,
-        cfg.optim.betas,
-        cfg.optim.fused,
-        cpu_offload=cfg.train.zero == "zero3_offload",
-        clip_per_param=cfg.optim.clip_grad if cfg.optim.clip_mode == "per_param" else 0.0,
-    )
-    resume_path = _resume_path(cfg, ckpt_root)
-    if resume_path is not None and needs_universal(resume_path, world):
-        ensure_universal(resume_path, rank)
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(
-        model=method, optimizer=optimizer, config=ds_config, dist_init_required=False
-    )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        cfg.train.precision
-    ]
-    method.teacher_to(device, dtype)
-
-    from train.evaluation.online import OnlineKNN
-
-    online_knn = OnlineKNN(
-        cfg.data.val_shards, None, cfg.model.img_size, cfg.log.knn_every, max_samples=1000
-    )
-    step = 0
-    samples_at_resume = 0
-    if resume_path is not None:
-        meta = load_checkpoint(engine, resume_path, rank, world)
-        step = int(meta["step"])
-        samples_at_resume = int(meta["samples_seen"])
-    logger = RunLogger(run_dir, rank, cfg.train.steps, step, cfg.log.progress)
-    if resume_path is not None:
-        logger.event(step, resumed_from=str(resume_path))
-        logger.write(f"resumed from {resume_path} at step {step}")
-
-    micro_world = cfg.train.micro_batch * world
-    batches = Batches(
-        loader, data_position(samples_at_resume, micro_world, loader.batches_per_epoch)
-    )
-    resumed_step = step
-    stop = StopFlag()
-    samples_per_step = global_batch
-    exit_code = 0
-    last_ckpt = -1
-    try:
-        while step < cfg.train.steps:
-            ctx = StepContext(step, cfg.train.steps, steps_per_epoch)
-            lr = warmup_cosine(
-                step, cfg.train.steps, peak_lr, cfg.optim.warmup_steps, cfg.optim.min_lr
-            )
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr * method.lr_scale(group, ctx)
-            set_weight_decay(engine.optimizer.param_groups, cfg.optim, step, cfg.train.steps)
-            method.before_step(ctx)
-            t0 = time.perf_counter()
-            wait = 0.0
-            parts: dict[str, float] = {}
-            out: dict[str, Any] = {}
-            batch: dict[str, Any] = {}
-            for micro in range(accum):
-                tw = time.perf_counter()
-                batch = _to_device(
-                    batches.next(), device, dtype, cfg.model.channels_last, device_views
-                )
-                wait += time.perf_counter() - tw
-                torch.manual_seed(step_seed(cfg.train.seed, step, micro, rank))
-                out = engine(batch)
-                engine.backward(out["loss"])
-                engine.step()
-                for k, v in out.items():
-                    if isinstance(v, torch.Tensor) and v.ndim == 0:
-                        parts[k] = parts.get(k, 0.0) + float(v.detach().float()) / accum
-            step += 1
-            method.after_step(StepContext(step, cfg.train.steps, steps_per_epoch))
-            dt = time.perf_counter() - t0
-            if not math.isfinite(parts["loss"]):
-                raise FloatingPointError(f"loss is {parts['loss']} at step {step}")
-            if step % cfg.log.every == 0 or step == cfg.train.steps:
-                seen = samples_at_resume + (step - resumed_step) * samples_per_step
-                _log_step(
-                    logger,
-                    engine,
-                    device,
-                    step,
-                    parts,
-                    lr,
-                    dt,
-                    wait,
-                    samples_per_step,
-                    seen,
-                    batches,
-                )
-            if cfg.log.knn_every and step % cfg.log.knn_every == 0:
-                with _gathered_direct_params(method, zero3):
-                    knn = online_knn(step, method.backbone, device, dtype)  # collective
-                if knn is not None:
-                    logger.scalars(step, knn)
-            if cfg.log.monitor_every and step % cfg.log.monitor_every == 0:
-                _monitor_collapse(logger, step, out)
-            if cfg.log.image_every and step % cfg.log.image_every == 0:
-                with _gathered_direct_params(method, zero3):
-                    img = method.visualize(batch)
-                if img is not None:
-                    logger.image(step, "images/method", img)
-            logger.progress(1, {"loss": parts["loss"], "lr": lr})
-            preempted = stop.should_stop(device)
-            stop_here = cfg.train.stop_at and step == cfg.train.stop_at
-            if (
-                step % cfg.checkpoint.every == 0
-                or step == cfg.train.steps
-                or preempted
-                or stop_here
-            ):
-                seen = samples_at_resume + (step - resumed_step) * samples_per_step
-                _save(engine, cfg, ckpt_root, step, world, seen, loader, rank)
-                last_ckpt = step
-            if preempted or stop_here:
-                logger.event(step, stopped="signal" if preempted else "stop_at", checkpoint=step)
-                logger.write(f"stopped at step {step} with a checkpoint; exit {EXIT_REQUEUE}")
-                exit_code = EXIT_REQUEUE
-                break
-    finally:
-        stop.restore()
-        logger.close()
-    if exit_code == 0 and last_ckpt == cfg.train.steps:
-        _export(cfg, ckpt_root, step, rank)
-    if dist.is_initialized():
-        dist.barrier()
-    return exit_code
+    lr: float
+    out: dict[str, Any]
+    """The last micro-step's forward output."""
+    batch: dict[str, Any]
+    """The last micro-batch, on the device."""
 
 
-def _gathered_direct_params(method: Method, zero3: bool) -> Any:
-    """Under ZeRO-3, gather the parameters no submodule's forward gathers (calls outside
-    ``engine(batch)``, such as pictures); a no-op otherwise."""
-    if not zero3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    params = list(method.parameters(recurse=False)) + token_parameters(method)
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def _apply_speed_switches(method: Method, cfg: RunConfig) -> None:
-    from models.speed import compile_blocks, fuse_layernorms, to_channels_last
-
-    if cfg.model.fused_layernorm:
-        fuse_layernorms(method)
-    if cfg.model.channels_last:
-        to_channels_last(method)
-    if cfg.train.compile:
-        compile_blocks(method)
-
-
-def _resume_path(cfg: RunConfig, ckpt_root: Path) -> Path | None:
+def resume_path(cfg: RunConfig, ckpt_root: Path) -> Path | None:
     mode = cfg.checkpoint.resume
     if mode == "none":
         return None
@@ -377,82 +267,246 @@ def _resume_path(cfg: RunConfig, ckpt_root: Path) -> Path | None:
     return path
 
 
-def _save(
-    engine: Any,
-    cfg: RunConfig,
-    root: Path,
-    step: int,
-    world: int,
-    samples_seen: int,
-    loader: Any,
-    rank: int,
-) -> None:
-    pos = data_position(samples_seen, cfg.train.micro_batch * world, loader.batches_per_epoch)
-    meta = {
-        "world_size": world,
-        "epoch": pos.epoch,
-        "batch_in_epoch": pos.batch,
-        "samples_seen": samples_seen,
-        "config": cfg.to_dict(),
-    }
-    save_checkpoint(engine, root, step, meta, cfg.checkpoint.keep, rank)
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("_")[-1])
 
 
-def _log_step(
-    logger: RunLogger,
-    engine: Any,
-    device: torch.device,
-    step: int,
-    parts: dict[str, float],
-    lr: float,
-    dt: float,
-    wait: float,
-    samples_per_step: int,
-    samples_seen: int,
-    batches: Batches,
-) -> None:
-    local = dict(parts)
-    local["skipped"] = float(batches.skipped)
-    mean = _mean_over_ranks(local, device)
-    grad_norm = engine.get_global_grad_norm()
-    values = {f"loss_metrics/{k}": v for k, v in mean.items() if k not in ("loss", "skipped")}
-    values.update(
-        {
-            "loss": mean["loss"],
-            "lr": lr,
-            "throughput/images_per_s": samples_per_step / dt,
-            "samples_seen": float(samples_seen),
-            "time_metrics/data_loading(%)": 100.0 * wait / dt,
-            "memory/peak_mb": peak_memory_mb(device),
-            "data/skipped_samples": mean["skipped"] * world_size(),
-        }
-    )
-    if grad_norm is not None:  # DeepSpeed's global norm; absent with ZeRO-0 in fp32 unclipped
-        values["grad_norm"] = float(grad_norm)
-    logger.scalars(step, values)
+class Trainer:
+    """One run: built from a config, driven by :meth:`fit`, one :meth:`train_step` at a time."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.rank, self.world, self.device = init_distributed()
+        # a read-only output is one line here, not an OSError later
+        ensure_writable(Path(cfg.train.output_dir))
+        # epochs and global batch -> steps and accumulation at this world size (printed, saved)
+        self.cfg = cfg = plan_run(cfg, self.world, self.rank)
+        self.run_dir = Path(cfg.train.output_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self._write_run_files()
+        self.method, self.loader, self.device_views = self._build_method_and_data()
+        self.plan = RunPlan.resolve(cfg, self.world, self.loader.batches_per_epoch)
+        resume = resume_path(cfg, self.ckpt_root)
+        self.built = build_engine(cfg, self.method, self.world, self.device, resume)
+        self.engine = self.built.engine
+        self.hooks = self._build_hooks()
+        self.state = TrainState(seed=cfg.train.seed)
+        self.batches: Batches
+        if resume is not None:
+            self._load(resume)
+        else:
+            self.batches = Batches(self.loader, self.state.position(self.plan))
+        self.logger = RunLogger(
+            self.run_dir, self.rank, self.plan.steps, self.state.step, cfg.log.progress
+        )
+        if resume is not None:
+            self.logger.event(self.state.step, resumed_from=str(resume))
+            self.logger.write(f"resumed from {resume} at step {self.state.step}")
+        self.metrics = StepMetrics(self.device, check_grad_norm=cfg.train.precision != "fp16")
+        self.window = Window()
+        self.last_ckpt = -1
+
+    def _write_run_files(self) -> None:
+        if self.rank == 0:
+            save_config(self.cfg, self.run_dir / "config.json")
+            ds_config = build_ds_config(self.cfg, self.world)
+            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+
+    def _build_method_and_data(self) -> tuple[Method, Any, Any]:
+        from data_pipelines.device_augment import DeviceViews
+        from data_pipelines.loader import build_loader
+        from data_pipelines.transforms import build_transform
+
+        cfg = self.cfg
+        transform = build_transform(
+            cfg.data.augmentation,
+            cfg.model.img_size,
+            local_crops=cfg.data.local_crops,
+            local_crop_size=cfg.data.local_crop_size,
+            uint8=cfg.data.uint8_views,
+        )
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        method: Method = create_method(cfg.method, cfg.model, method_weights(cfg.method, cfg.model))
+        loader = build_loader(
+            cfg.data.train_shards,
+            transform=transform,
+            micro_batch=cfg.train.micro_batch,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.train.seed,
+            index_path=cfg.data.index or None,
+            with_labels=method.uses_labels,
+            max_skip_fraction=cfg.data.max_skip_fraction,
+            resampled=cfg.data.resampled,
+            decode_min_size=None if cfg.data.decode_on_device else transform.decode_min_size,
+            decode_on_device=cfg.data.decode_on_device,
+        )
+        on_device = cfg.data.decode_on_device
+        device_views = DeviceViews.from_transform(transform, self.device) if on_device else None
+        return method, loader, device_views
+
+    def _build_hooks(self) -> list[Hook]:
+        from train.evaluation.online import OnlineKNN
+
+        log = self.cfg.log
+        knn = OnlineKNN(
+            self.cfg.data.val_shards, None, self.cfg.model.img_size, log.knn_every, max_samples=1000
+        )
+        return [
+            LogScalars(log.every),
+            OnlineKNNHook(log.knn_every, knn),
+            CollapseMonitor(log.monitor_every),
+            Pictures(log.image_every),
+            Checkpoint(self.cfg.checkpoint.every),
+        ]
+
+    # ------------------------------------------------------------------ state on disk
+
+    def _load(self, path: Path) -> None:
+        """Collective: model, optimizer, teacher, RNG and :class:`TrainState` from ``path``."""
+        meta = load_checkpoint(self.engine, path, self.rank, self.world)
+        self.state.load_meta(meta)
+        self.batches = Batches(self.loader, self.state.position(self.plan))
+
+    def save(self) -> None:
+        """Collective: a complete checkpoint of the current step."""
+        meta = dict(self.state.to_meta(self.plan, self.world), config=self.cfg.to_dict())
+        save_checkpoint(
+            self.engine, self.ckpt_root, self.state.step, meta, self.cfg.checkpoint.keep, self.rank
+        )
+        self.last_ckpt = self.state.step
+
+    # ------------------------------------------------------------------ the loop
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over ``accum`` micro-batches; reads nothing back from the device."""
+        cfg, plan, state, engine = self.cfg, self.plan, self.state, self.engine
+        ctx = StepContext(state.step, plan.steps, plan.steps_per_epoch)
+        lr = warmup_cosine(
+            state.step, plan.steps, self.built.peak_lr, cfg.optim.warmup_steps, cfg.optim.min_lr
+        )
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr * self.method.lr_scale(group, ctx)
+        set_weight_decay(engine.optimizer.param_groups, cfg.optim, state.step, plan.steps)
+        self.method.before_step(ctx)
+        if state.step + 1 in state.skip_at:
+            self._skip_batch()
+        self.metrics.start_step()
+        out: dict[str, Any] = {}
+        batch: dict[str, Any] = {}
+        for micro in range(plan.accum):
+            tw = time.perf_counter()
+            raw = self.batches.next()
+            batch = _to_device(
+                raw, self.device, self.built.dtype, cfg.model.channels_last, self.device_views
+            )
+            self.window.wait += time.perf_counter() - tw
+            torch.manual_seed(state.micro_seed(micro, self.rank))
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            self.metrics.add(out, plan.accum)
+        state.step += 1
+        state.samples_seen += plan.global_batch
+        self.window.steps += 1
+        self.method.after_step(StepContext(state.step, plan.steps, plan.steps_per_epoch))
+        self.metrics.end_step(state.step, engine.get_global_grad_norm())
+        return StepResult(lr, out, batch)
+
+    def _skip_batch(self) -> None:
+        """Consume the data of one optimizer step without training on it."""
+        self.state.skip_at.discard(self.state.step + 1)
+        for _ in range(self.plan.accum):
+            self.batches.next()
+        self.state.samples_seen += self.plan.global_batch
+
+    def fit(self) -> int:
+        """Train to ``train.steps``; the process exit code."""
+        stop = StopFlag()
+        try:
+            code = self._loop(stop)
+        except TrainingDiverged as e:
+            self.logger.event(self.state.step, diverged=str(e))
+            if self.rank == 0:
+                print(f"error: training diverged: {e}", file=sys.stderr, flush=True)
+            code = EXIT_DIVERGED
+        finally:
+            stop.restore()
+            self.logger.close()
+        if code == 0 and self.last_ckpt == self.plan.steps:
+            self._export()
+        if dist.is_initialized():
+            dist.barrier()
+        return code
+
+    def _loop(self, stop: StopFlag) -> int:
+        while self.state.step < self.plan.steps:
+            result = self.train_step()
+            step = self.state.step
+            preempted = stop.should_stop()
+            stop_here = bool(self.cfg.train.stop_at) and step == self.cfg.train.stop_at
+            due = [h for h in self.hooks if h.due(step, step == self.plan.steps)]
+            if due or preempted or stop_here:
+                bad = self.metrics.first_bad_step()
+                if bad:
+                    self.rollback(bad)
+                    if preempted:  # the checkpoint just reloaded is where a requeue resumes
+                        return EXIT_REQUEUE
+                    continue
+                for hook in due:
+                    hook(self, result)
+                self.window.restart()
+            self.logger.progress(1)
+            if preempted or stop_here:
+                if self.last_ckpt != step:
+                    self.save()
+                self.logger.event(
+                    step, stopped="signal" if preempted else "stop_at", checkpoint=step
+                )
+                self.logger.write(f"stopped at step {step} with a checkpoint; exit {EXIT_REQUEUE}")
+                return EXIT_REQUEUE
+        return 0
+
+    def rollback(self, bad: int) -> None:
+        """Collective: back to the last complete checkpoint before step ``bad``, whose batch
+        will be skipped; :class:`TrainingDiverged` past ``train.max_rollbacks``."""
+        limit = self.cfg.train.max_rollbacks
+        if self.state.rollbacks >= limit:
+            raise TrainingDiverged(
+                f"non-finite loss or gradient norm at step {bad} after {self.state.rollbacks} "
+                f"rollback(s) (train.max_rollbacks={limit})"
+            )
+        before = [p for p in complete_checkpoints(self.ckpt_root) if _step_of(p) < bad]
+        if not before:
+            raise TrainingDiverged(
+                f"non-finite loss or gradient norm at step {bad}, before the first checkpoint "
+                "(nothing to roll back to; lower checkpoint.every or the learning rate)"
+            )
+        rollbacks = self.state.rollbacks + 1
+        self._load(before[-1])
+        self.state.rollbacks = rollbacks
+        self.state.skip_at.add(bad)
+        self.metrics.reset()
+        self.window.restart()
+        self.logger.rewind(self.state.step)
+        self.logger.scalars(bad, {"train/rollbacks": float(rollbacks)})
+        self.logger.event(bad, rollback={"to_step": self.state.step, "skip_step": bad})
+        self.logger.write(
+            f"WARNING: non-finite loss or gradient norm at step {bad}: rolled back to step "
+            f"{self.state.step}, skipping that step's batch ({rollbacks}/{limit})"
+        )
+
+    def _export(self) -> None:
+        from train.export_encoder import export_encoder
+
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            ckpt = self.ckpt_root / f"step_{self.plan.steps:08d}"
+            out = export_encoder(ckpt, self.run_dir / "export")
+            print(f"exported encoder: {out}", flush=True)
 
 
-def _monitor_collapse(logger: RunLogger, step: int, out: dict[str, Any]) -> None:
-    """Collapse monitors on the method's two-view embeddings, when it returns them."""
-    from models.collapse import collapse_metrics, collapse_warning
-
-    embeddings = out.get("embeddings")
-    if embeddings is None:
-        return
-    z1, z2 = (z.detach().float() for z in embeddings)
-    metrics = collapse_metrics(z1, z2)
-    logger.scalars(step, {f"collapse/{k}": v for k, v in metrics.items()})
-    warning = collapse_warning(metrics)
-    if warning:
-        logger.event(step, collapse=warning)
-        logger.write(f"WARNING step {step}: representation collapse suspected: {warning}")
-
-
-def _export(cfg: RunConfig, ckpt_root: Path, step: int, rank: int) -> None:
-    from train.export_encoder import export_encoder
-
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        out = export_encoder(ckpt_root / f"step_{step:08d}", Path(cfg.train.output_dir) / "export")
-        print(f"exported encoder: {out}", flush=True)
+def run(cfg: RunConfig) -> int:
+    """Train one run from its config; the process exit code."""
+    return Trainer(cfg).fit()

@@ -11,28 +11,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 
 from models.registry import create_method
-from train.checkpoint import ensure_universal, load_checkpoint, read_meta
+from train.checkpoint import load_checkpoint, read_meta
 from train.config import config_from_dict
-from train.ds_config import build_ds_config
-from train.optim import build_optimizer
+from train.engine import build_engine
 from train.trainer import init_distributed
 from train.weights import consolidated_state_dict
 
 
 def main() -> None:
     ckpt = Path(sys.argv[1])
-    rank, world, _ = init_distributed()
+    rank, world, device = init_distributed()
     cfg = config_from_dict(read_meta(ckpt)["config"])
     method = create_method(cfg.method, cfg.model)
-    opt = build_optimizer("adamw", method.param_groups(0.05), 1e-4, (0.9, 0.95), False, False)
-    ds = build_ds_config(cfg, world)
-    ensure_universal(ckpt, rank)
-    ds["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=method, optimizer=opt, config=ds)
+    engine = build_engine(cfg, method, world, device, resume_path=ckpt).engine  # universal
     load_checkpoint(engine, ckpt, rank, world)
     expected = consolidated_state_dict(ckpt)
     loaded = engine.module.state_dict()
