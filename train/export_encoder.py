@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from train.checkpoint import MARKER, latest_complete, read_meta
+from train.hf_export import write_hf_export
 
 PREFIX = "backbone."
 TEACHER_PREFIX = "teacher.backbone."
@@ -105,6 +106,7 @@ def export_encoder(path: Path, out_dir: Path) -> Path:
     spec = encoder_spec(meta)
     spec["checkpoint"] = str(ckpt)
     (out_dir / "encoder.json").write_text(json.dumps(spec, indent=2) + "\n")
+    write_hf_export(weights, out_dir / "hf", meta["config"], meta["step"], ckpt.parent.parent)
     return weights
 
 
