@@ -241,7 +241,10 @@ def run(cfg: RunConfig) -> int:
         meta = load_checkpoint(engine, resume_path, rank, world)
         step = int(meta["step"])
         samples_at_resume = int(meta["samples_seen"])
-    logger = RunLogger(run_dir, rank, cfg.train.steps, step, cfg.log.progress)
+    logger = RunLogger(
+        run_dir, rank, cfg.train.steps, step, cfg.log.progress,
+        cfg.log.wandb_project if cfg.log.wandb else None, cfg.to_dict(),
+    )  # fmt: skip
     if resume_path is not None:
         logger.event(step, resumed_from=str(resume_path))
         logger.write(f"resumed from {resume_path} at step {step}")
