@@ -338,7 +338,7 @@ def model_fields(ext: ExternalWeights) -> dict[str, Any]:
     or depth), checked tensor by tensor against the timm model those fields build."""
     import timm
 
-    fields = {
+    fields: dict[str, Any] = {
         "name": ext.model_name,
         "img_size": _single(ext.model_args.get("img_size", 224)),
         "patch_size": _single(ext.model_args.get("patch_size", 16)),
