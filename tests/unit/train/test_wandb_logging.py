@@ -4,6 +4,7 @@ images go along, and a resumed run continues the same W&B run id."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,12 @@ def test_offline_wandb_run_has_the_logged_values_and_resumes_the_same_run(
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
     files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2  # one W&B run, resumed
-    rows = [r for f in files for r in history(f)]
+    deadline = time.monotonic() + 30  # wandb-core may still be writing the last records
+    while True:
+        rows = [r for f in files for r in history(f)]
+        if len(rows) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [int(r["_step"]) for r in rows] == [1, 2, 3]
     assert [float(r["lr"]) for r in rows] == [0.125, 0.25, 0.375]
     assert [float(r["loss_metrics/loss"]) for r in rows] == [2.5, 1.5, 0.5]
