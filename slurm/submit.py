@@ -191,14 +191,82 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--chdir", default=str(PROJECT_DIR), help="the job's working directory (project root)"
     )
     p.add_argument("--dry-run", action="store_true", help="print the script, do not submit")
+    p.add_argument(
+        "--launcher",
+        choices=("sbatch", "submitit"),
+        default="sbatch",
+        help="sbatch: the filled-in template; submitit: a submitit job running the template's"
+        " stage, with the same checkpoint-and-requeue on signals (extra 'submitit')",
+    )
     args = p.parse_args(argv)
     args.script_args = script_args
     return args
 
 
+def minutes(limit: str) -> int:
+    """A Slurm time limit in whole minutes (seconds round up). Slurm's forms: ``MM``,
+    ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``."""
+    days, dash, clock = limit.partition("-") if "-" in limit else ("0", "", limit)
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        day_count = int(days)
+    except ValueError:
+        raise ValueError(f"--time {limit!r}: expected MM, HH:MM:SS or D-HH:MM:SS") from None
+    if len(parts) > 3 or min([*parts, day_count]) < 0:
+        raise ValueError(f"--time {limit!r}: expected MM, HH:MM:SS or D-HH:MM:SS")
+    if dash:  # D-HH[:MM[:SS]]
+        hours, mins, secs = ([*parts, 0, 0])[:3]
+    else:  # MM, MM:SS, HH:MM:SS
+        hours, mins, secs = [(0, parts[0], 0), (0, *parts), tuple(parts)][len(parts) - 1]
+    return day_count * 1440 + hours * 60 + mins + (secs > 0)
+
+
+def submitit_options(args: argparse.Namespace) -> dict[str, object]:
+    """The command line's resources in submitit's parameter names."""
+    tasks = args.tasks_per_node or args.gpus_per_node or 1
+    opts: dict[str, object] = {
+        "nodes": args.nodes or 1,
+        "tasks_per_node": tasks,
+        "cpus_per_task": args.cpus_per_task or 1,
+        "timeout_min": minutes(args.time) if args.time else 24 * 60,
+        "slurm_signal_delay_s": 120,  # as the templates' --signal=USR1@120
+        "name": args.job_name or Path(args.template).stem,
+    }
+    if args.gpus_per_node:
+        opts["gpus_per_node"] = args.gpus_per_node
+    for flag in ("partition", "account", "qos", "mem"):
+        if getattr(args, flag):
+            opts[f"slurm_{flag}"] = getattr(args, flag)
+    if args.sbatch or args.array:
+        raise ValueError("--sbatch and --array are for --launcher sbatch")
+    return opts
+
+
+def submit_with_submitit(args: argparse.Namespace, log_dir: Path) -> int:
+    try:
+        from slurm.submitit_launcher import submit
+    except ImportError:
+        raise ValueError(
+            "--launcher submitit needs submitit: pip install 'vitssl[submitit]'"
+        ) from None
+    options = submitit_options(args)
+    if args.dry_run:
+        print(f"# submitit job: {options} running {args.template} {shlex.join(args.script_args)}")
+        return 0
+    job_id = submit(args.template, args.script_args, options, log_dir, Path(args.chdir).resolve())
+    print(f"submitted job {job_id} (submitit); logs in {log_dir / 'submitit' / job_id}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     log_dir = Path(args.log_dir).resolve()
+    if args.launcher == "submitit":
+        try:
+            return submit_with_submitit(args, log_dir)
+        except (ValueError, OSError) as e:
+            print(f"submit: {e}", file=sys.stderr)
+            return 2
     try:
         rendered = render(args, log_dir)
     except (ValueError, OSError) as e:

@@ -248,6 +248,10 @@ class LogConfig:
     """Online k-NN on data.val_shards every N steps (0: never)."""
     progress: bool = True
     """Show a progress bar with an ETA on rank 0."""
+    wandb: bool = False
+    """Also log scalars and images to Weights & Biases (extra ``wandb``; ``WANDB_MODE``)."""
+    wandb_project: str = "vitssl"
+    """The W&B project of the run (the W&B run is named after the run directory)."""
 
 
 @dataclass

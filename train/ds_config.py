@@ -2,7 +2,8 @@
 
 DeepSpeed validates its sub-sections (``zero_optimization`` refuses unknown keys) but
 silently ignores unknown *top-level* keys, so those are checked here against the keys this
-project writes or that users may put in a preset.
+project writes or that users may put in a preset. DeepSpeed's own monitors (``tensorboard``,
+``wandb``, ``csv_monitor``, ``comet``) are passed through to it, checked by its own model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from typing import Any
 from train.config import ConfigError, RunConfig
 
 DS_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+MONITOR_KEYS = ("tensorboard", "wandb", "csv_monitor", "comet")
+"""DeepSpeed's monitor sections (``deepspeed.monitor.config``): DeepSpeed reads them and writes
+its own ``Train/Samples/*`` events, beside this project's TensorBoard, JSONL and W&B logs."""
 
 KNOWN_TOP_LEVEL_KEYS = frozenset(
     {
@@ -39,6 +44,7 @@ KNOWN_TOP_LEVEL_KEYS = frozenset(
         "dump_state",
         "comms_logger",
         "aio",
+        *MONITOR_KEYS,
     }
 )
 
@@ -89,11 +95,20 @@ def check_ds_config(ds: dict[str, Any]) -> None:
         raise ConfigError(
             f"unknown DeepSpeed config key {unknown[0]!r} (DeepSpeed would silently ignore it)"
         )
+    from deepspeed.monitor.config import get_monitor_config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     try:
         DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
     except Exception as e:  # pydantic.ValidationError: keep the first line only
-        first = str(e).strip().splitlines()
-        detail = " ".join(first[1:3]) if len(first) > 1 else str(e)
-        raise ConfigError(f"invalid zero_optimization in DeepSpeed config: {detail}") from None
+        raise ConfigError(f"invalid zero_optimization in DeepSpeed config: {_first(e)}") from None
+    try:
+        get_monitor_config({k: ds[k] for k in MONITOR_KEYS if k in ds})
+    except Exception as e:
+        raise ConfigError(f"invalid monitor section in DeepSpeed config: {_first(e)}") from None
+
+
+def _first(error: Exception) -> str:
+    """The field and message of a pydantic error (its lines 2-3), or the whole message."""
+    lines = str(error).strip().splitlines()
+    return " ".join(lines[1:3]) if len(lines) > 1 else str(error)

@@ -20,6 +20,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from train.checkpoint import read_meta
+from train.hf_export import write_hf_export
 from train.weights import encoder_state, resolve_checkpoint
 
 
@@ -51,6 +52,7 @@ def export_encoder(path: Path, out_dir: Path) -> Path:
     spec = encoder_spec(meta)
     spec["checkpoint"] = str(ckpt)
     (out_dir / "encoder.json").write_text(json.dumps(spec, indent=2) + "\n")
+    write_hf_export(weights, out_dir / "hf", meta["config"], meta["step"], ckpt.parent.parent)
     return weights
 
 

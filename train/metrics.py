@@ -4,6 +4,8 @@
 Host syncs: a step's scalar outputs are summed on the device (:class:`StepMetrics`) and the
 first non-finite step is a device flag; both reach the host only when the trainer asks, on
 logging and checkpoint steps. Between those steps nothing in here reads a tensor's value.
+
+Optionally also Weights & Biases (``log.wandb=true``; offline with ``WANDB_MODE=offline``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -115,19 +118,71 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
+class WandbSink:
+    """One W&B run per run directory: its id is kept in ``wandb_id.txt`` so that a resumed or
+    requeued job continues the same W&B run (``resume="allow"``) instead of starting another.
+    The mode (online, offline, disabled) comes from W&B's own ``WANDB_MODE``."""
+
+    ID_FILE = "wandb_id.txt"
+
+    def __init__(self, run_dir: Path, project: str, config: dict[str, Any] | None) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("log.wandb=true needs wandb: pip install 'vitssl[wandb]'") from None
+        self.wandb = wandb
+        id_file = run_dir / self.ID_FILE
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = secrets.token_hex(6)
+            id_file.write_text(run_id + "\n")
+        self.run = wandb.init(
+            project=project,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            name=run_dir.name,
+            config=config,
+        )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(dict(values), step=step)
+
+    def image(self, step: int, tag: str, img: torch.Tensor) -> None:
+        pixels = img.float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
+        self.run.log({tag: self.wandb.Image(pixels)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class RunLogger:
-    """Writes only on rank 0; every other rank gets a logger that does nothing."""
+    """Writes only on rank 0; every other rank gets a logger that does nothing.
+
+    ``wandb_project``: also log to W&B under this project (None: no W&B); ``config`` is the
+    run configuration W&B shows beside the curves."""
 
     def __init__(
-        self, run_dir: Path, rank: int, total_steps: int, start_step: int, progress: bool
+        self,
+        run_dir: Path,
+        rank: int,
+        total_steps: int,
+        start_step: int,
+        progress: bool,
+        wandb_project: str | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.enabled = rank == 0
         self.run_dir = run_dir
         self.tb: Any = None
         self.jsonl: Any = None
         self.bar: Any = None
+        self.wandb: WandbSink | None = None
         if not self.enabled:
             return
+        if wandb_project is not None:
+            self.wandb = WandbSink(run_dir, wandb_project, config)
         self._open(start_step)
         if progress:
             from tqdm import tqdm
@@ -170,6 +225,8 @@ class RunLogger:
             {k.split("/")[-1] if k.startswith("loss_metrics/") else k: v for k, v in values.items()}
         )
         self.jsonl.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.scalars(step, values)
 
     def event(self, step: int, **fields: Any) -> None:
         """A non-metric line in the JSONL (resume, preemption, rollback, warnings)."""
@@ -179,6 +236,8 @@ class RunLogger:
     def image(self, step: int, tag: str, img: torch.Tensor) -> None:
         if self.enabled:
             self.tb.add_image(tag, img.float().cpu(), step)
+            if self.wandb is not None:
+                self.wandb.image(step, tag, img)
 
     def progress(self, n: int, postfix: dict[str, float] | None = None) -> None:
         if self.bar is not None:
@@ -202,3 +261,5 @@ class RunLogger:
         self.tb.flush()
         self.tb.close()
         self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.close()

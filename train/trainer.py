@@ -296,7 +296,13 @@ class Trainer:
         else:
             self.batches = Batches(self.loader, self.state.position(self.plan))
         self.logger = RunLogger(
-            self.run_dir, self.rank, self.plan.steps, self.state.step, cfg.log.progress
+            self.run_dir,
+            self.rank,
+            self.plan.steps,
+            self.state.step,
+            cfg.log.progress,
+            cfg.log.wandb_project if cfg.log.wandb else None,
+            cfg.to_dict(),
         )
         if resume is not None:
             self.logger.event(self.state.step, resumed_from=str(resume))

@@ -146,6 +146,9 @@ def infer_vit(state: State) -> tuple[str, dict[str, Any]]:
     if "fc_norm.weight" in state:
         args["global_pool"] = "avg"
     size = _SIZES.get(dim, "base")
+    if "init_values" in args:  # layer scale: DINOv2's family in timm
+        regs = f"_reg{args['reg_tokens']}" if "reg_tokens" in args else ""
+        return f"vit_{size}_patch14{regs}_dinov2", args
     return f"vit_{size}_patch16_224", args
 
 
@@ -327,6 +330,42 @@ def load_external(path: Path, *, model_name: str | None = None) -> ExternalWeigh
         ext.model_name, ext.model_args = model_name, {}
     _check_against_timm(ext)
     return ext
+
+
+def model_fields(ext: ExternalWeights) -> dict[str, Any]:
+    """``model.name``/``img_size``/``patch_size`` that rebuild these weights' architecture
+    (what a run config can say); ValueError when the weights need more (a non-standard width
+    or depth), checked tensor by tensor against the timm model those fields build."""
+    import timm
+
+    fields: dict[str, Any] = {
+        "name": ext.model_name,
+        "img_size": _single(ext.model_args.get("img_size", 224)),
+        "patch_size": _single(ext.model_args.get("patch_size", 16)),
+    }
+    with torch.device("meta"):
+        model = timm.create_model(
+            fields["name"],
+            pretrained=False,
+            num_classes=0,
+            img_size=fields["img_size"],
+            patch_size=fields["patch_size"],
+        )
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = sorted(
+        k for k, v in ext.state.items() if shapes.get(k, tuple(v.shape)) != tuple(v.shape)
+    )
+    if wrong or set(shapes) != set(ext.state):
+        first = wrong[0] if wrong else sorted(set(shapes) ^ set(ext.state))[0]
+        raise ValueError(
+            f"{ext.format} weights are not a {fields['name']} of image size {fields['img_size']}"
+            f" and patch size {fields['patch_size']} (first difference: {first})"
+        )
+    return fields
+
+
+def _single(size: Any) -> int:
+    return int(size[0]) if isinstance(size, list | tuple) else int(size)
 
 
 def build_model(ext: ExternalWeights, **overrides: Any) -> torch.nn.Module:

@@ -393,3 +393,51 @@ def test_usr1_checkpoints_requeues_and_resumes(
         f"{t_signal - t0:.1f}s to signal, {t_requeued - t_signal:.1f}s to requeue, "
         f"{t_done - t_requeued:.1f}s to finish after the requeue"
     )
+
+
+def test_submitit_launcher_checkpoints_requeues_and_resumes(
+    cluster: SlurmCluster, stand_in: Workload, tmp_path: Path
+) -> None:
+    """``slurm.submit --launcher submitit``: submitit's time-limit signal (USR2) -> the stage
+    checkpoints and exits 75 -> submitit requeues the job -> it resumes and finishes."""
+    pytest.importorskip("submitit", reason="needs submitit (extra 'submitit')")
+    run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
+    steps, signal_after = 30, 10
+    metrics = run_dir / "metrics.jsonl"
+    argv = [
+        sys.executable, "-m", "slurm.submit", "--launcher", "submitit",
+        "--template", "pretrain_single_node", "--job-name", "ssltest-submitit",
+        "--nodes", "1", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "00:10:00",
+        "--partition", cluster.partition, "--log-dir", str(log_dir), "--chdir", str(stand_in.chdir),
+        "--", stand_in.recipe, *stand_in.overrides,
+        f"train.output_dir={run_dir}", f"train.steps={steps}", "checkpoint.every=5",
+    ]  # fmt: skip
+    res = subprocess.run(
+        argv, cwd=PROJECT, env=cluster.env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    m = re.search(r"submitted job (\d+)", res.stdout)
+    assert m, res.stdout
+    job = int(m.group(1))
+
+    def logs() -> str:
+        files = sorted((log_dir / "submitit").rglob("*.out")) + sorted(
+            (log_dir / "submitit").rglob("*.err")
+        )
+        return "\n".join(f"== {p}\n{p.read_text(errors='replace')[-3000:]}" for p in files)
+
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not read_steps(metrics) or max(read_steps(metrics)) < signal_after:
+        state = cluster.job(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n{logs()}"
+        assert time.monotonic() < deadline, f"no step {signal_after}\n{logs()}"
+        time.sleep(0.2)
+    cluster.run(["scancel", "--signal=USR2", str(job)])  # what --signal=USR2@120 sends
+    info = cluster.wait_for_job(job, JOB_TIMEOUT_S)
+    first_stop = [int(m) for m in re.findall(r"stopped at step (\d+)", logs())]
+    context = f"{logs()}\n{cluster.log_tail()}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", context
+    assert int(info["Restarts"]) == 1, context
+    assert first_stop and first_stop[0] >= signal_after, context
+    assert first_stop[0] in complete_steps(run_dir), context  # checkpoint at the signal
+    assert read_steps(metrics) == list(range(1, steps + 1)), context  # none lost or repeated

@@ -16,7 +16,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from train.weight_formats import build_model, load_external
+from train.weight_formats import build_model, load_external, model_fields
 
 KW = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2)  # head dim 64
 
@@ -159,3 +159,22 @@ def test_pickled_code_is_refused_and_other_files_are_not_external(tmp_path: Path
     assert load_external(tmp_path / "run") is None
     with pytest.raises(ValueError, match="no such file"):
         load_external(tmp_path / "nope.pth")
+
+
+def test_model_fields_name_a_standard_architecture_and_refuse_others(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    standard = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=0, img_size=64, patch_size=8
+    )
+    torch.save({"model": standard.state_dict()}, tmp_path / "mae.pth")
+    ext = load_external(tmp_path / "mae.pth")
+    assert ext is not None
+    fields = model_fields(ext)
+    assert fields == {"name": "vit_small_patch16_224", "img_size": 64, "patch_size": 8}
+    rebuilt = timm.create_model(fields.pop("name"), num_classes=0, **fields)
+    rebuilt.load_state_dict(ext.state)  # strict: the config's fields are enough
+    torch.save({"model": tiny_vit().state_dict()}, tmp_path / "odd.pth")  # width 128: no name
+    odd = load_external(tmp_path / "odd.pth")
+    assert odd is not None
+    with pytest.raises(ValueError, match="not a vit_base_patch16_224"):
+        model_fields(odd)

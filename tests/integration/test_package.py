@@ -1,0 +1,81 @@
+"""The wheel installs like a package: console scripts, presets and Slurm templates found from
+outside the checkout, and a user's own ``train.py`` in the working directory shadows nothing.
+
+The fresh virtualenv reaches the heavy dependencies (torch, DeepSpeed, timm) through a path
+file pointing at this interpreter's site-packages, placed after its own: only the wheel's
+files are new, and they win over the checkout's.
+"""
+
+from __future__ import annotations
+
+import os
+import site
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from tests.integration.runs import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("pkg")
+    built = _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         str(ROOT), "-w", str(tmp / "dist")],
+        cwd=tmp,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp / "dist").glob("vitssl-*.whl")
+    env_dir = tmp / "env"
+    venv.create(env_dir, with_pip=False)
+    own = next((env_dir / "lib").glob("python3.*/site-packages"))
+    (own / "shared.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    python = env_dir / "bin" / "python"
+    done = _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
+         str(wheel)],
+        cwd=tmp,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return env_dir
+
+
+def test_console_scripts_and_resources_from_outside_the_checkout(
+    installed: Path, tmp_path: Path
+) -> None:
+    # a user's project folder with its own train.py and models.py next to the data
+    (tmp_path / "train.py").write_text("raise SystemExit('user train.py was imported')\n")
+    (tmp_path / "models.py").write_text("raise SystemExit('user models.py was imported')\n")
+    bin_dir = installed / "bin"
+    for script in ("vitssl-pretrain", "vitssl-make-shards", "vitssl-submit", "vitssl-export"):
+        proc = _run([str(bin_dir / script), "--help"], cwd=tmp_path)
+        assert proc.returncode == 0, (script, proc.stdout[-1000:], proc.stderr[-2000:])
+        assert "usage:" in proc.stdout.lower(), script
+    probe = (
+        "import train.ds_config as d, slurm.submit as s, train;"
+        "print(train.__file__);"
+        "print(d.load_preset('zero3')['zero_optimization']['stage']);"
+        "print(sorted(s.TEMPLATES));"
+        "print((s.SLURM_DIR / 'common.sh').is_file())"
+    )
+    # -P: the safe-path mode a `python -m` launch needs beside a user's train.py
+    proc = _run([str(bin_dir / "python"), "-P", "-c", probe], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    where, stage, templates, common = proc.stdout.splitlines()
+    assert Path(where).is_relative_to(installed)  # the wheel's copy, not the checkout's
+    assert stage == "3" and common == "True"
+    assert "pretrain_single_node" in templates and "distil" in templates
+    # without -P the user's train.py is what `import train` finds: the hazard -P avoids
+    shadowed = _run([str(bin_dir / "python"), "-c", "import train"], cwd=tmp_path)
+    assert "user train.py was imported" in shadowed.stderr
