@@ -21,6 +21,7 @@ Nothing is unpickled beyond tensors: torch files go through
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from train.checkpoint import (
     verify_weights_only,
 )
 from train.config import ConfigError, ModelConfig, build_dataclass
+
+log = logging.getLogger(__name__)
 
 PREFIX = "backbone."
 TEACHER_PREFIX = "teacher.backbone."
@@ -206,8 +209,17 @@ def external_weights(path: Path, expect: Any | None) -> PretrainedWeights | None
     """Formats of other projects, converted to timm names: the place where converters
     (``train/weight_formats.py``: official MAE ``{'model': ...}``, DINO ``teacher`` /
     ``student`` with ``backbone.`` prefixes, Hugging Face directories, a timm name with a
-    local file) plug in. None when no converter recognises ``path``."""
-    return None
+    local file) plug in. None when no converter recognises ``path``. Weights that do not
+    fit the architecture their shapes name (missing or unexpected keys) are refused."""
+    from train.weight_formats import load_external, model_fields
+
+    ext = load_external(path)
+    if ext is None:
+        return None
+    if ext.missing or ext.unexpected:
+        raise ValueError(f"{path}: {ext.report()}")
+    log.info(ext.report())
+    return PretrainedWeights(ext.state, model_config(model_fields(ext)), str(path), ext.format)
 
 
 def resolve_weights(

@@ -178,3 +178,25 @@ def test_model_fields_name_a_standard_architecture_and_refuse_others(tmp_path: P
     assert odd is not None
     with pytest.raises(ValueError, match="not a vit_base_patch16_224"):
         model_fields(odd)
+
+
+def test_resolver_takes_official_checkpoints_for_init_teacher_and_evaluation(
+    tmp_path: Path,
+) -> None:
+    """``method.init=``/``method.teacher=``/``encoder.checkpoint=`` go through
+    ``train.weights.resolve_weights``, which hands unknown files to these converters."""
+    from train.config import ModelConfig
+    from train.weights import resolve_weights
+
+    torch.manual_seed(5)
+    source = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8
+    ).eval()
+    torch.save({"model": dict(source.state_dict())}, tmp_path / "mae.pth")
+    weights = resolve_weights(tmp_path / "mae.pth")
+    assert weights.kind == "mae" and weights.arch.name == "vit_tiny_patch16_224"
+    assert (weights.arch.img_size, weights.arch.patch_size) == (32, 8)
+    assert torch.equal(features(weights.build().eval()), features(source))
+    wrong = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4)
+    with pytest.raises(ValueError, match="patch_size"):
+        resolve_weights(tmp_path / "mae.pth", expect=wrong)
