@@ -166,8 +166,8 @@ def save_checkpoint(
             error = _save_error(path, e)
     error = _agree(error)
     if error is not None:
-        if rank == 0:
-            shutil.rmtree(path, ignore_errors=True)
+        if rank == 0 and not (path / MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)  # only ever a partial step
         _barrier()
         raise ValueError(error)
     if rank == 0:
