@@ -278,7 +278,13 @@ def _from_hf_dir(path: Path) -> ExternalWeights:
     )
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
+"""Files tried as weights; anything else (notes, images, configs) is not a weights format."""
+
+
 def _from_file(path: Path, model_name: str | None) -> ExternalWeights | None:
+    if path.suffix not in WEIGHT_SUFFIXES:
+        return None
     data = read_tensors(path)
     if isinstance(data.get("teacher"), dict) and isinstance(data.get("student"), dict):
         state, dropped = from_dino(data)
