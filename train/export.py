@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return user_error(e)
     if not report["passed"]:
         print(
-            f"INT8 accuracy drop {report['drop']:.2f} points > accepted {report['max_drop']}"
+            f"INT8 artefact {report['verdict']}"
             + (" (accepted by --accept-drop)" if args.accept_drop else ""),
             file=sys.stderr,
         )

@@ -177,7 +177,11 @@ class Runner:
                 for k in META_KEYS
                 if net.has_rt_info(["framework", k])
             }
-            cfg = {"INFERENCE_NUM_THREADS": threads} if threads > 0 else {}
+            # f32: on CPUs with AMX or AVX-512 BF16 OpenVINO would otherwise run the float
+            # parts in bf16, and its "FP32" timings and outputs would be bf16's
+            cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+            if threads > 0:
+                cfg["INFERENCE_NUM_THREADS"] = threads
             self.compiled = core.compile_model(net, "CPU", cfg)
         else:
             raise ValueError(f"unknown runtime {runtime!r} (onnxruntime or openvino)")

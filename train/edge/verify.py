@@ -235,29 +235,33 @@ def checks(report: dict[str, Any], kind: str, s: VerifySettings) -> list[dict[st
             "value": fp["accuracy"],
             "bound": f">= {chance + s.min_over_chance:.2f} (chance {chance:.2f} + "
             f"{s.min_over_chance})",
-            "passed": fp["accuracy"] >= chance + s.min_over_chance,
+            "passed": bool(fp["accuracy"] >= chance + s.min_over_chance),
         },
         {
             "check": "accuracy drop (points)",
             "value": report["drop"],
             "bound": f"<= {s.max_drop}",
-            "passed": report["drop"] <= s.max_drop,
+            "passed": bool(report["drop"] <= s.max_drop),
         },
     ]
     if kind == "embedding":
         value, bound, name = q["output_cosine"], s.min_cosine, "mean cosine INT8 vs FP32"
     else:
         value, bound, name = q["agreement"], s.min_agreement, "top-1 agreement INT8 vs FP32 (%)"
-    out.append({"check": name, "value": value, "bound": f">= {bound}", "passed": value >= bound})
+    out.append(
+        {"check": name, "value": value, "bound": f">= {bound}", "passed": bool(value >= bound)}
+    )
     for b, v in report["speedup"].items():
-        out.append(
+        out.append(  # one check per batch size
             {
                 "check": f"INT8 speed-up at batch {b} ({report['runtime']})",
                 "value": v,
                 "bound": f">= {s.min_speedup}",
-                "passed": v >= s.min_speedup,
+                "passed": bool(v >= s.min_speedup),
             }
         )
+    for c in out:
+        c["value"] = float(c["value"])
     return out
 
 
@@ -325,7 +329,7 @@ def verify(
                 "check": f"accuracy drop on {rt} (points)",
                 "value": r["drop"],
                 "bound": f"<= {s.max_drop}",
-                "passed": r["drop"] <= s.max_drop,
+                "passed": bool(r["drop"] <= s.max_drop),
             }
         )
     failed = [c["check"] for c in report["checks"] if not c["passed"]]

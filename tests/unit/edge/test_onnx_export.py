@@ -55,3 +55,26 @@ def test_onnx_check_refuses_a_wrong_export(tmp_path):
     other = InferenceModel(timm.create_model("mobilenetv3_small_050", num_classes=0))
     with pytest.raises(ValueError, match="differs from PyTorch"):
         check_onnx(other, tmp_path / "m.onnx", 32)
+
+
+def test_fp32_check_tolerance_follows_the_output_scale(tmp_path):
+    """Outputs that reach 30 (the demo student) carry float rounding of ~3e-4: accepted
+    relative to the scale, while a wrong model is still refused."""
+    import numpy as np
+
+    from train.edge.onnx_export import check_onnx, tolerance
+
+    assert tolerance(np.array([[-30.0, 2.0]]), 1e-4) == pytest.approx(3e-3)
+    assert tolerance(np.array([[0.01]]), 1e-4) == pytest.approx(1e-4)  # scale at least 1
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    net(torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        net[2].weight.mul_(1e5)  # outputs of ~1e4: absolute rounding differences above 1e-4
+    model = InferenceModel(net)
+    res = export_onnx(model, tmp_path / "big.onnx", 32, exporter="torchscript")
+    with torch.no_grad():
+        scale = float(model(torch.randn(3, 3, 32, 32)).abs().max())
+    assert res.max_abs_diff < 1e-4 * scale
+    with pytest.raises(ValueError, match="differs from PyTorch"):
+        check_onnx(model, tmp_path / "big.onnx", 32, rtol=1e-12)

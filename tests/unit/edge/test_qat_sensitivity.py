@@ -90,3 +90,33 @@ def test_qat_method_trains_a_fake_quant_copy_against_a_frozen_outside_teacher():
     assert all(t.dtype == torch.float32 for t in method.teacher.state_dict().values())
     low = method({"views": [x.bfloat16()]})["loss"]  # bf16 inputs: the teacher autocasts
     assert torch.isfinite(low)
+
+
+def test_qat_and_export_run_on_a_frozen_checkpoint_loaded_encoder(toy_data, tmp_path):
+    """The loader freezes what it loads (requires_grad=False); QAT must still train it and
+    the export must accept its FP32 graph (the demo-full failure: an empty optimizer)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from models.backbones import create_backbone
+    from train.config import ModelConfig
+    from train.edge.onnx_export import load_inference_model
+
+    arch = ModelConfig(name="mobilenetv3_small_050", img_size=32, cifar_stem=True)
+    torch.manual_seed(0)
+    save_file(create_backbone(arch).state_dict(), str(tmp_path / "encoder.safetensors"))
+    (tmp_path / "encoder.json").write_text(
+        json.dumps({"timm_name": arch.name, "cifar_stem": True, "kwargs": {"img_size": 32}})
+    )
+    model, size = load_inference_model(str(tmp_path / "encoder.safetensors"), pool="avg")
+    assert size == 32 and not any(p.requires_grad for p in model.parameters())
+    images = load_images(toy_data["train"], 32, limit=32).images
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned, losses = qat.qat_finetune(model, images, kind="embedding", steps=3, batch_size=8)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("weight") for k in changed)  # the frozen encoder was trained
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+    onnx_file = export_onnx(tuned, tmp_path / "qat.onnx", 32, exporter="torchscript")
+    assert onnx_file.max_abs_diff < 1e-3
