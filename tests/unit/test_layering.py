@@ -16,9 +16,6 @@ LOWER = ("models", "data_pipelines")
 # files to build a method; the weights resolver (train/weights.py) injects weights instead,
 # and this list shrinks to the benchmark entry point when that lands.
 KNOWN_LOCAL_IMPORTS = {
-    "models/methods/distil.py",
-    "models/methods/finetune.py",
-    "models/methods/qat.py",
     "data_pipelines/benchmark.py",  # a GPU benchmark entry point that builds a ModelConfig
 }
 
