@@ -17,6 +17,7 @@ multiply-add.
 | byol | 2 | 0.08-1 | jitter(0.4, 0.4, 0.2, 0.1) p=0.8, gray 0.2; blur 1.0/0.1, solarize 0/0.2 |
 | dino | 2 + local | global 0.4-1 (0.14-1 without local crops, as DINO advises) | BYOL's |
 | eval | 1 | resize shorter side to size/0.875, centre crop | none |
+| finetune | 1 | 0.08-1, bicubic (timm) | RandAugment m9 mstd 0.5, erasing 0.25 |
 
 DINO's local crops take scale 0.05-0.4 at ``local_crop_size`` with blur p=0.5.
 
@@ -46,7 +47,7 @@ from data_pipelines.gpu_augment import ColorAugment, ColorParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRESETS = ("mae", "simclr", "byol", "dino", "eval")
+PRESETS = ("mae", "simclr", "byol", "dino", "eval", "finetune")
 BICUBIC = T.InterpolationMode.BICUBIC
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _LOG_RATIO = torch.log(torch.tensor(CROP_RATIO)).tolist()  # float32, as torchvision computes it
@@ -322,6 +323,10 @@ def build_transform(
     if local_crops and name != "dino":
         raise ValueError(f"local crops are only used by the dino preset, not {name!r}")
     kernel = blur_kernel_size(img_size)
+    if name == "finetune":  # MAE's fine-tuning: timm's RandAugment + random erasing
+        from data_pipelines.finetune_transform import FinetuneTransform
+
+        return FinetuneTransform(img_size)  # type: ignore[return-value]
     if name == "mae":
         return ViewTransform(name, [ViewSpec(img_size, (0.2, 1.0), None)], uint8=uint8)
     if name == "simclr":

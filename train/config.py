@@ -372,6 +372,11 @@ def validate_cross(cfg: RunConfig) -> None:
             "optim.clip_mode=per_param needs train.zero=zero0 and train.precision=fp32: "
             "ZeRO and DeepSpeed's bf16/fp16 optimizers hand the optimizer flat partitions"
         )
+    if cfg.data.decode_on_device and cfg.data.augmentation == "finetune":
+        raise ConfigError(
+            "data.augmentation=finetune (timm's RandAugment on PIL images) runs in the CPU "
+            "workers: set data.decode_on_device=false"
+        )
     if cfg.log.knn_every and not cfg.data.val_shards:
         raise ConfigError("log.knn_every needs data.val_shards (labelled shards)")
 

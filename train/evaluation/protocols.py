@@ -443,7 +443,8 @@ def run_finetune(cfg: Any) -> int:
         raise ValueError(f"label {int(out.labels.max())} >= method.num_classes")
     acc = topk_accuracy(out.feats, out.labels)
     if rank == 0:
-        row = {"init": cfg.method.init or "random", "steps": cfg.train.steps, **acc}
+        steps = json.loads((run_dir / "run_plan.json").read_text())["steps"]  # from epochs
+        row = {"init": cfg.method.init or "random", "steps": steps, **acc}
         record = {"source": str(ckpt), "init": cfg.method.init or "random"}
         data = {
             "train": cfg.data.train_shards,

@@ -74,7 +74,7 @@ def test_mae_views_are_random_but_seedable() -> None:
 
 
 def test_unknown_preset_and_bad_options() -> None:
-    assert set(PRESETS) == {"mae", "simclr", "byol", "dino", "eval"}
+    assert set(PRESETS) == {"mae", "simclr", "byol", "dino", "eval", "finetune"}
     with pytest.raises(ValueError, match="unknown augmentation preset"):
         build_transform("moco", 32)
     with pytest.raises(ValueError, match="local crops"):

@@ -78,7 +78,8 @@ def test_mae_finetuning_is_table_9(recipe: str, model: str, epochs: int, drop_pa
     """He et al. 2022, Appendix A.1, Table 9 (end-to-end fine-tuning): AdamW, base lr 1e-3,
     weight decay 0.05, betas (0.9, 0.999), layer-wise lr decay 0.75, batch 1024, cosine,
     5 warm-up epochs, 100 (B) / 50 (L/H) epochs, label smoothing 0.1, mixup 0.8, cutmix 1.0,
-    drop path 0.1 (B/L) / 0.2 (H); average pooling (Sec. A.1: "global average pooling")."""
+    drop path 0.1 (B/L) / 0.2 (H), RandAug (9, 0.5); average pooling (Sec. A.1: "global
+    average pooling"); random erasing 0.25 (FINETUNE.md, following DeiT)."""
     cfg, plan = _resolve(recipe)
     _check_schedule(plan, batch=1024, base_lr=1e-3, epochs=epochs, warmup=5)
     assert cfg.model.name == model and cfg.model.drop_path_rate == drop_path
@@ -95,6 +96,14 @@ def test_mae_finetuning_is_table_9(recipe: str, model: str, epochs: int, drop_pa
         0.1,
         "avg",
     )
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+
+    transform = build_transform(cfg.data.augmentation, 224)
+    ops = {type(t): t for t in transform.timm.transforms}  # type: ignore[attr-defined]
+    assert ops[RandAugment].num_layers == 2
+    assert {(op.magnitude, op.magnitude_std) for op in ops[RandAugment].ops} == {(9, 0.5)}
+    assert ops[RandomErasing].probability == 0.25
 
 
 @pytest.mark.parametrize(
