@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev,eval,export]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,eval,export,openvino,test,s3]'
 	touch $(STAMP)
 
 venv: $(STAMP)
