@@ -152,6 +152,9 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         "README_PY": sys.executable,
         "README_TEST": str(Path(__file__).resolve()),
         "OMP_NUM_THREADS": "2",
+        # DeepSpeed compiles its CPU shared-memory op for each new venv path (this copy's):
+        # once per session here, without waiting on other processes' builds of the shared cache
+        "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions"),
     }
     return copy, env
 
