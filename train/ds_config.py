@@ -78,7 +78,10 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
             "zero_force_ds_cpu_optimizer": False,
         }
     )
-    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
+    # DeepSpeed 0.19's bf16 overflow check reads two values back from the device every step
+    # (ZeRO-1/2: has_overflow and is_invalid_grad_norm); the trainer's own device-side flag
+    # and rollback handle a non-finite step instead, without a per-step sync.
+    ds["bf16"] = {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": False}
     ds["fp16"] = {
         "enabled": cfg.train.precision == "fp16",
         "loss_scale": 0,

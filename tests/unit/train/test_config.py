@@ -110,7 +110,8 @@ def test_ds_config_unknown_keys_refused() -> None:
         check_ds_config({**ds, "zero_optimisation": {"stage": 2}})
     with pytest.raises(ConfigError, match="invalid zero_optimization"):
         check_ds_config({**ds, "zero_optimization": {"stage": 2, "overlap_com": True}})
-    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert ds["fp16"]["enabled"] is False
     assert json.loads(json.dumps(ds)) == ds
 
 
