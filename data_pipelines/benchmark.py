@@ -1,19 +1,31 @@
-"""Decode + augmentation throughput: our shards/loader vs a torchvision ImageFolder baseline.
+"""Decode + augmentation throughput: our shards/loader vs a plain torchvision loader, like for like.
 
-    python -m data_pipelines.benchmark ../shared/data/imagenet-sample-500.tar --workers 2 --repeat 2
+    python -m data_pipelines.benchmark ../shared/data/imagenet-sample-500.tar --workers 2 \
+        --repeat 4 --rounds 3
+    python -m data_pipelines.benchmark IMAGES.tar --resize-shorter 256   # resized-at-write
     python -m data_pipelines.benchmark IMAGES.tar --device cuda --workers 8 --batch 128
 
+**The baseline** is the loader a competent user writes: ``torchvision.datasets.ImageFolder``
+(PIL decode) with the classic ``torchvision.transforms`` on PIL images, in a ``DataLoader``
+with the same number of workers, shuffled, at ``--baseline-batch`` (64, which suits it:
+fewer, larger inter-process transfers). Each preset's recipe is written the usual way, one
+``Compose`` per view: ``RandomResizedCrop(size, scale, bicubic)`` + ``RandomHorizontalFlip``
+(+ ``ColorJitter``/``RandomGrayscale``/``GaussianBlur``/``RandomSolarize`` where the preset
+has them), then
+
+* for our **float** path: ``ToTensor`` + ``Normalize`` (float32 normalised views);
+* for our **uint8** path (``data.uint8_views``, the trainer's default, normalised on the
+  device): ``PILToTensor`` (uint8 views, also normalised later).
+
 Both sides read the same JPEG files (the baseline from a temporary ImageFolder, ours from
-temporary shards of the same bytes), use the same number of DataLoader workers and the same
-batch size, and produce the same views. Baseline: PIL decode + torchvision.transforms.v2 on
-PIL images (RandomResizedCrop, flip, ColorJitter, Grayscale, GaussianBlur, Solarize,
-ToImage/ToDtype/Normalize). Ours: the presets of transforms.py through loader.py
-(libjpeg-turbo decode at the DCT scale that covers the drawn crops, uint8 resize kernels),
-twice: with float32 normalised views from the workers, as the baseline gives them, and with
-8-bit views that the trainer normalises on the device (``data.uint8_views``, its default).
-The loaders are run alternately ``--rounds`` times; the table gives medians of images/s per
-CPU core (throughput / min(workers, cores)) and of CPU ms per image (main process + workers,
-start-up included), and the median of the per-round throughput ratios.
+temporary shards of the same bytes); with ``--resize-shorter N`` every image is first
+re-encoded at shorter side N (what ``make_shards --resize-shorter`` writes, an opt-in) and
+both sides read those files. Ours: the presets of transforms.py through loader.py
+(libjpeg-turbo decode at the DCT scale that covers the drawn crops, uint8 resize kernels).
+The four loaders (baseline float, ours float, baseline uint8, ours uint8) run alternately
+``--rounds`` times; the table gives medians of images/s per CPU core (throughput /
+min(workers, cores)), CPU ms per image (main process + workers, start-up included), and
+the median and each round's throughput ratio against the like baseline.
 
 ``--device cuda``: our loader with ``decode_on_device`` (workers only read bytes) feeding
 ``DeviceViews`` (nvJPEG decode + augmentation on the GPU) into MAE ViT-B/16 training steps

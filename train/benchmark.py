@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -228,9 +229,11 @@ def compare(setup: MAESetup, rounds: int, steps: int, warmup: int) -> dict[str, 
     _timed(ref, setup.batch, 0, warmup)
     _timed(ours, setup.batch, 0, warmup)  # includes the compilation
     runs: dict[str, list] = {"reference": [], "project": [], "fwd": [fwd]}
-    for _ in range(rounds):
+    for i in range(rounds):
         runs["reference"].append(_timed(ref, setup.batch, steps))
         runs["project"].append(_timed(ours, setup.batch, steps))
+        ratio = runs["project"][-1][0] / runs["reference"][-1][0]
+        print(f"round {i + 1}: project / reference = {ratio:.2f}x", file=sys.stderr, flush=True)
     return runs
 
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from models.methods.base import Batch, Method
 from models.pos_embed import sincos_2d
 from models.registry import register_method
-from models.vit import create_vit, forward_tokens, num_patches
+from models.vit import MaskedViT, create_vit, num_patches
 from train.config import ConfigError, MethodConfig
 
 
@@ -95,9 +95,9 @@ def masked_mse(
 class MAE(Method):
     """Encoder = ``self.backbone`` (a timm ViT, exported); decoder is dropped after pretraining."""
 
-    backbone: VisionTransformer
+    backbone: MaskedViT
 
-    def __init__(self, cfg: MAEConfig, backbone: VisionTransformer) -> None:
+    def __init__(self, cfg: MAEConfig, backbone: MaskedViT) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
@@ -148,7 +148,7 @@ class MAE(Method):
         ids_keep, mask, ids_restore = random_masking(
             imgs.shape[0], length, self.cfg.mask_ratio, noise
         )
-        latent = forward_tokens(self.backbone, imgs, ids_keep)
+        latent = self.backbone.forward_features(imgs, ids_keep)
         pred = self.decode(latent, ids_restore)
         loss = masked_mse(pred, patchify(imgs, self.patch_size), mask, self.cfg.norm_pix_loss)
         return loss, pred, mask

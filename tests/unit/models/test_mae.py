@@ -274,3 +274,21 @@ def test_reconstruct_pastes_visible_patches() -> None:
     _, mask, _ = random_masking(2, 16, cfg.mask_ratio, noise)
     visible = patchify(recon, 8)[mask == 0]
     torch.testing.assert_close(visible, patchify(imgs, 8)[mask == 0])
+
+
+def test_masked_vit_is_a_timm_vit_with_the_same_state_dict() -> None:
+    import timm
+
+    from models.vit import MaskedViT
+
+    vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8).eval()
+    assert isinstance(vit, MaskedViT)
+    plain = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=0, global_pool="token"
+    ).eval()
+    plain.load_state_dict(vit.state_dict())  # strict: the same names and shapes
+    imgs = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain(imgs), vit(imgs))  # timm's forward is unchanged
+    torch.testing.assert_close(vit.forward_features(imgs)[:, 0], vit(imgs))
+    with pytest.raises(ValueError, match="grad_checkpointing_every"):
+        vit.set_grad_checkpointing_every(-1)
