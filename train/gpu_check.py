@@ -93,13 +93,13 @@ DRY = Sizes(
 # seconds per section on the GPU; they sum to 440 s, leaving 40 s of the 8 minutes for
 # subprocess start-up and the report
 BOXES = {
-    "peak": 20,
-    "mae_vit_b": 100,
-    "mae_vit_l": 100,
-    "data": 60,
-    "zero3_offload": 80,
-    "zero2_vs_zero0": 40,
-    "tests": 40,
+    "peak": 15,
+    "mae_vit_b": 120,
+    "mae_vit_l": 120,
+    "data": 55,
+    "zero3_offload": 70,
+    "zero2_vs_zero0": 30,
+    "tests": 30,
 }
 DRY_BOX_SCALE = 4  # a shared 2-core CPU is slower than a GPU at starting and compiling
 TITLES = {
@@ -153,6 +153,7 @@ def _mae_rows(model: str, sizes: Sizes, peak: float) -> list[str]:
             except Exception as e:  # one failing configuration must not hide the others
                 rows.append(f"| {compiled} | {ckpt} | failed: {_one_line(e)} | |")
             _free_memory()
+            _save_partial(rows)
     return rows
 
 
@@ -200,6 +201,7 @@ def section_zero3_offload(sizes: Sizes, peak: float) -> list[str]:
             patch_size=14 if "patch14" in model and sizes is GPU else sizes.patch_size,
             batch=max(1, sizes.batch // 4),
             zero="zero3_offload",
+            compile=False,
             grad_checkpointing=True,
         )
         _free_memory()
@@ -226,6 +228,7 @@ def section_zero2_vs_zero0(sizes: Sizes, peak: float) -> list[str]:
             patch_size=sizes.patch_size,
             batch=sizes.batch,
             zero=zero,
+            compile=False,
         )
         step, _ = setup.project_step()
         ips = time_steps(step, sizes.batch, sizes.steps, warmup=3)
@@ -280,8 +283,17 @@ def _peak_memory() -> str:
     return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
 
 
+_PARTIAL: list[Path] = []  # the child's output file: rows written so far survive a time-out
+
+
+def _save_partial(lines: list[str]) -> None:
+    if _PARTIAL:
+        _PARTIAL[0].write_text(json.dumps(lines))
+
+
 def run_section(name: str, dry_run: bool, peak: float, out: Path) -> None:
     """Child process: run one section and write its lines as JSON to ``out``."""
+    _PARTIAL[:] = [out]
     sizes = DRY if dry_run else GPU
     if dry_run:
         import models.speed
@@ -307,7 +319,9 @@ def _spawn(name: str, dry_run: bool, peak: float, timeout: float) -> tuple[list[
                 cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
             )
         except subprocess.TimeoutExpired:
-            return [f"**timed out** after {timeout:.0f} s (its time box)"], time.perf_counter() - t0
+            done = list(json.loads(out.read_text())) if out.is_file() else []
+            note = f"**timed out** after {timeout:.0f} s (its time box)"
+            return [note, "", *done], time.perf_counter() - t0
         took = time.perf_counter() - t0
         if proc.returncode != 0 or not out.is_file():
             err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-3:]
