@@ -13,7 +13,8 @@ times (the table gives each round and the median of the per-round ratios):
   the same configuration, bf16 autocast and ``torch.optim.AdamW`` with the same decay
   groups, no DeepSpeed: what ``main_pretrain.py`` of facebookresearch/mae runs.
 * **project**: what ``python -m train.pretrain`` runs: the method from the registry, the
-  config's speed switches (``train.compile``, on by default) and the DeepSpeed engine of
+  config's speed switches (``train.compile`` as the recipe sets it, or ``--compile on|off``)
+  and the DeepSpeed engine of
   :func:`build_engine` with the config's precision and ZeRO preset.
 
 Images/s are wall-clock; ``CPU s/img`` is the process's CPU time per image (all threads),
@@ -112,7 +113,8 @@ class MAESetup:
     batch: int = 128
     precision: str = "bf16"
     zero: str = "zero0"
-    compile: bool = True
+    compile: bool | None = None
+    """``train.compile``; None: the recipe's value (what ``train.pretrain`` does)."""
     grad_checkpointing: bool = False
 
     def config(self) -> RunConfig:
@@ -126,9 +128,10 @@ class MAESetup:
             f"train.micro_batch={self.batch}",
             f"train.precision={self.precision}",
             f"train.zero={self.zero}",
-            f"train.compile={str(self.compile).lower()}",
             f"model.grad_checkpointing={str(self.grad_checkpointing).lower()}",
         ]
+        if self.compile is not None:
+            overrides.append(f"train.compile={str(self.compile).lower()}")
         return load_config("mae_vit_tiny_demo", overrides)
 
     def images(self, device: torch.device) -> torch.Tensor:
@@ -244,7 +247,8 @@ def report(setup: MAESetup, runs: dict[str, list], peak: float) -> str:
     lines = [
         f"MAE {setup.model} @ {setup.img_size}px/p{setup.patch_size}, decoder "
         f"{setup.decoder_dim}x{setup.decoder_depth}, batch {setup.batch}, {setup.precision}, "
-        f"{setup.zero}, compile {setup.compile}, {torch.get_num_threads()} threads, "
+        f"{setup.zero}, compile {setup.config().train.compile}, "
+        f"{torch.get_num_threads()} threads, "
         f"{platform.processor() or 'cpu'}, {date.today()}",
         "",
         "| round | reference img/s | project img/s | ratio | CPU s/img ref / project |",
@@ -291,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--precision", choices=sorted(DTYPES), default=d.precision)
     p.add_argument("--zero", default=d.zero)
-    p.add_argument("--no-compile", action="store_true", help="train.compile=false")
+    p.add_argument(
+        "--compile", choices=["on", "off"], help="train.compile (default: the recipe's value)"
+    )
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="time the project only")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch,
         precision=args.precision,
         zero=args.zero,
-        compile=not args.no_compile,
+        compile=None if args.compile is None else args.compile == "on",
         grad_checkpointing=args.grad_checkpointing,
     )
     if args.no_reference:
