@@ -73,9 +73,9 @@ def random_masking(
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
-    mask = torch.ones(batch, length, device=noise.device)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
+    # the reference fills ones, zeroes the first ``keep`` and gathers by ids_restore: a patch
+    # is masked exactly when its rank in the shuffle is >= keep (one comparison, no gather)
+    mask = (ids_restore >= keep).to(torch.float32)
     return ids_keep, mask, ids_restore
 
 
