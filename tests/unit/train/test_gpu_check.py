@@ -23,6 +23,7 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert "data wait" in text
 
 
+@pytest.mark.slow
 def test_a_failing_section_is_recorded_and_the_others_still_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
