@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned to the releases on this project's machines (never newer than 2.14.1).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo demo-full test lint venv data clean bench
+.PHONY: demo demo-full test lint venv data clean bench gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m train.benchmark
+
+# on one H100/H200, <= 8 minutes: throughput, MFU, nvJPEG data path, ZeRO-3 offload, GPU tests
+gpu-check: $(STAMP)
+	$(BIN)/python -m train.gpu_check --out reports/gpu_check.md
 
 clean:
 	rm -rf runs data

@@ -1,12 +1,15 @@
 """ViT backbones on timm, with visible-token encoding (MAE) and fixed sin-cos positions.
 
-The backbone *is* a timm ``VisionTransformer`` (so its state dict loads into
-``timm.create_model`` of the same name); the extra behaviour lives in functions here:
+The backbone is a :class:`MaskedViT`, a subclass of timm's ``VisionTransformer`` that adds
+methods and one setting only, so its state dict loads into ``timm.create_model`` of the same
+name and timm's API (``forward``, ``no_weight_decay``, ...) is unchanged:
 
 * :func:`create_vit` builds it with fixed 2-D sin-cos position embeddings (frozen),
-  attention through ``F.scaled_dot_product_attention`` and no classifier.
-* :func:`forward_tokens` encodes all tokens or only the visible subset ``ids_keep``,
-  with optional selective activation checkpointing (every k-th block).
+  attention through ``F.scaled_dot_product_attention``, no classifier and timm's dynamic
+  image size (crops of another size than ``img_size``, e.g. DINO's local crops, get the
+  position table resampled to their grid).
+* ``MaskedViT.forward_features(x, ids_keep)`` encodes all tokens or only the visible subset
+  ``ids_keep``, with optional selective activation checkpointing (every k-th block).
 """
 
 from __future__ import annotations
@@ -20,13 +23,55 @@ from torch.utils.checkpoint import checkpoint
 from models.pos_embed import sincos_2d
 
 
+class MaskedViT(VisionTransformer):
+    """timm's ViT with visible-token encoding and checkpointing of every k-th block.
+
+    timm builds the model from its registry (where each name's depth, width, heads and
+    norms live) and :func:`create_vit` promotes it to this class, which holds no state of
+    its own beyond ``ckpt_every``: constructor arguments are timm's, not repeated here."""
+
+    ckpt_every: int = 0
+    """Checkpoint the activations of every k-th block while training (0: none)."""
+
+    def set_grad_checkpointing_every(self, every: int) -> None:
+        if every < 0:
+            raise ValueError(f"grad_checkpointing_every must be >= 0, got {every}")
+        self.ckpt_every = every
+
+    def forward_features(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        ids_keep: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Encode ``x: (B, 3, H, W)``; returns normalised tokens ``(B, 1 + L', D)``, class first.
+
+        With ``ids_keep: (B, L')`` only those patches are encoded (MAE); else all ``L``.
+        ``attn_mask`` and ``is_causal`` are timm's (``forward`` passes them on)."""
+        x = self._pos_embed(self.patch_embed(x))  # (B, 1 + L, D): timm's, any image size
+        if ids_keep is not None:
+            index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, L', D)
+            x = torch.cat([x[:, :1], torch.gather(x[:, 1:], dim=1, index=index)], dim=1)
+        x = self.norm_pre(self.patch_drop(x))
+        every = self.ckpt_every
+        for i, block in enumerate(self.blocks):
+            if attn_mask is not None or is_causal:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            elif every and self.training and torch.is_grad_enabled() and i % every == 0:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+
 def create_vit(
     name: str,
     img_size: int,
     patch_size: int,
     drop_path_rate: float = 0.0,
     grad_checkpointing_every: int = 0,
-) -> VisionTransformer:
+) -> MaskedViT:
     """A timm ViT without head; ``grad_checkpointing_every=k>0`` checkpoints every k-th block."""
     try:
         vit = timm.create_model(
@@ -38,13 +83,23 @@ def create_vit(
             drop_path_rate=drop_path_rate,
             global_pool="token",
             class_token=True,
+            dynamic_img_size=True,
         )
     except RuntimeError as e:  # timm: "Unknown model (...)"
         raise ValueError(f"model.name={name!r}: {e}") from None
     if not isinstance(vit, VisionTransformer):
         raise ValueError(f"model.name={name!r} is not a timm VisionTransformer")
-    if vit.pos_embed is None or vit.cls_token is None or getattr(vit, "no_embed_class", False):
-        raise ValueError(f"model.name={name!r}: needs a class token and a learned position table")
+    if (
+        vit.pos_embed is None
+        or vit.cls_token is None
+        or vit.no_embed_class
+        or vit.reg_token is not None
+        or type(vit) is not VisionTransformer
+    ):
+        raise ValueError(
+            f"model.name={name!r}: needs a plain VisionTransformer with a class token, a learned"
+            " position table and no register tokens"
+        )
     grid = img_size // patch_size
     with torch.no_grad():
         pe = sincos_2d(vit.embed_dim, grid, cls_token=True)  # (1 + G*G, D)
@@ -52,7 +107,9 @@ def create_vit(
     vit.pos_embed.requires_grad_(False)
     for block in vit.blocks:
         block.attn.fused_attn = True  # type: ignore[union-attr]  # F.sdpa: flash / mem-efficient
-    vit.ckpt_every = grad_checkpointing_every  # type: ignore[assignment]
+    vit.__class__ = MaskedViT  # methods only: see MaskedViT
+    assert isinstance(vit, MaskedViT)
+    vit.set_grad_checkpointing_every(grad_checkpointing_every)
     # MAE's initialisation: patch projection like a linear layer, tokens N(0, 0.02).
     w = vit.patch_embed.proj.weight
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -67,33 +124,15 @@ def num_patches(vit: VisionTransformer) -> int:
 def forward_tokens(
     vit: VisionTransformer, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Encode ``imgs: (B, 3, H, W)``; returns normalised tokens ``(B, 1 + L', D)``, class first.
-
-    With ``ids_keep: (B, L')`` only those patches are encoded (MAE); else all ``L``.
-    """
-    pos_embed, cls_token = vit.pos_embed, vit.cls_token
-    assert pos_embed is not None and cls_token is not None  # create_vit guarantees both
-    x = vit.patch_embed(imgs)  # (B, L, D)
-    x = x + pos_embed[:, 1:, :]
-    if ids_keep is not None:
-        index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, L', D)
-        x = torch.gather(x, dim=1, index=index)
-    cls = (cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # (B, 1, D)
-    x = torch.cat([cls, x], dim=1)
-    x = vit.norm_pre(x)
-    every = int(getattr(vit, "ckpt_every", 0))
-    for i, block in enumerate(vit.blocks):
-        if every and vit.training and torch.is_grad_enabled() and i % every == 0:
-            x = checkpoint(block, x, use_reentrant=False)
-        else:
-            x = block(x)
-    return vit.norm(x)
+    """``vit.forward_features(imgs, ids_keep)`` of a :class:`MaskedViT`: ``(B, 1 + L', D)``."""
+    assert isinstance(vit, MaskedViT), type(vit)  # create_vit builds every ViT here
+    return vit.forward_features(imgs, ids_keep)
 
 
 def token_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The class token and position table of every ViT inside ``model``.
 
-    :func:`forward_tokens` reads them without calling ``VisionTransformer.forward``, so under
+    ``MaskedViT.forward_features`` is called without ``VisionTransformer.forward``, so under
     ZeRO-3 they must be registered as external parameters of the module whose forward runs
     (``deepspeed.zero.register_external_parameter``), or they stay partitioned and empty.
     """

@@ -15,7 +15,8 @@
 * Teacher momentum: cosine from ``momentum`` to 1. All schedules are functions of the step.
 
 Batches: ``views = [global_1, global_2, local_1, ..., local_n]``, the locals smaller. A ViT
-encodes the local crops with its position table resampled to their grid.
+encodes the local crops with its position table resampled to their grid (timm's dynamic
+image size).
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from models.backbones import create_backbone, embed, embed_dim, is_vit
+from models.backbones import create_backbone, embed, embed_dim
 from models.distributed import all_reduce_mean_
 from models.heads import DINOHead, maybe_sync_batchnorm
 from models.losses import dino_loss, sinkhorn_knopp
@@ -110,22 +110,6 @@ def teacher_temperature(cfg: DINOConfig, epoch: int) -> float:
     return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * epoch / (w - 1)
 
 
-def embed_crops(backbone: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-    """Like models.backbones.embed, but a ViT also takes crops of another size than its own:
-    its position table (class token first) is resampled to the crop's patch grid."""
-    vit: Any = backbone
-    if not is_vit(backbone) or tuple(imgs.shape[-2:]) == tuple(vit.patch_embed.img_size):
-        return embed(backbone, imgs)
-    x = vit.patch_embed.proj(imgs)  # (B, D, h, w)
-    grid = [x.shape[-2], x.shape[-1]]
-    x = vit.patch_embed.norm(x.flatten(2).transpose(1, 2))  # (B, h*w, D)
-    pos = resample_abs_pos_embed(vit.pos_embed, new_size=grid, num_prefix_tokens=1)  # (1, 1+h*w, D)
-    cls = (vit.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
-    x = torch.cat([cls, x + pos[:, 1:]], dim=1)  # (B, 1 + h*w, D)
-    x = vit.blocks(vit.norm_pre(x))
-    return vit.norm(x)[:, 0]  # (B, D)
-
-
 class DINO(EMAMethod):
     def __init__(self, cfg: DINOConfig, backbone: nn.Module) -> None:
         super().__init__()
@@ -170,7 +154,7 @@ class DINO(EMAMethod):
         g = torch.cat(globals_)  # (2B, 3, H, W)
         feats = [embed(self.backbone, g)]  # (2B, D)
         if locals_:
-            feats.append(embed_crops(self.backbone, torch.cat(locals_)))  # (nB, D)
+            feats.append(embed(self.backbone, torch.cat(locals_)))  # ViT: dynamic size  # (nB, D)
         student = self.head(torch.cat(feats))  # ((2 + n) B, K)
 
         teacher = self.teacher_output(g, "head")  # (2B, K)

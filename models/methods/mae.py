@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from models.methods.base import Batch, Method
 from models.pos_embed import sincos_2d
 from models.registry import MethodConfig, register_method
-from models.vit import create_vit, forward_tokens, num_patches
+from models.vit import MaskedViT, create_vit, num_patches
 
 
 @dataclass
@@ -73,9 +73,9 @@ def random_masking(
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
-    mask = torch.ones(batch, length, device=noise.device)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
+    # the reference fills ones, zeroes the first ``keep`` and gathers by ids_restore: a patch
+    # is masked exactly when its rank in the shuffle is >= keep (one comparison, no gather)
+    mask = (ids_restore >= keep).to(torch.float32)
     return ids_keep, mask, ids_restore
 
 
@@ -117,9 +117,9 @@ def mae_init_(model: MAE) -> None:
 class MAE(Method):
     """Encoder = ``self.backbone`` (a timm ViT, exported); decoder is dropped after pretraining."""
 
-    backbone: VisionTransformer
+    backbone: MaskedViT
 
-    def __init__(self, cfg: MAEConfig, backbone: VisionTransformer) -> None:
+    def __init__(self, cfg: MAEConfig, backbone: MaskedViT) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
@@ -165,7 +165,7 @@ class MAE(Method):
         ids_keep, mask, ids_restore = random_masking(
             imgs.shape[0], length, self.cfg.mask_ratio, noise
         )
-        latent = forward_tokens(self.backbone, imgs, ids_keep)
+        latent = self.backbone.forward_features(imgs, ids_keep)
         pred = self.decode(latent, ids_restore)
         loss = masked_mse(pred, patchify(imgs, self.patch_size), mask, self.cfg.norm_pix_loss)
         return loss, pred, mask

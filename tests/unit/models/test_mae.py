@@ -323,3 +323,21 @@ def test_initialisation_is_the_official_one_layer_by_layer() -> None:
     for token in (method.backbone.cls_token, method.mask_token):
         n = token.numel()
         assert token.std().item() == pytest.approx(0.02, rel=5 * math.sqrt(1 / (2 * n)))
+
+
+def test_masked_vit_is_a_timm_vit_with_the_same_state_dict() -> None:
+    import timm
+
+    from models.vit import MaskedViT
+
+    vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8).eval()
+    assert isinstance(vit, MaskedViT)
+    plain = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=0, global_pool="token"
+    ).eval()
+    plain.load_state_dict(vit.state_dict())  # strict: the same names and shapes
+    imgs = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain(imgs), vit(imgs))  # timm's forward is unchanged
+    torch.testing.assert_close(vit.forward_features(imgs)[:, 0], vit(imgs))
+    with pytest.raises(ValueError, match="grad_checkpointing_every"):
+        vit.set_grad_checkpointing_every(-1)

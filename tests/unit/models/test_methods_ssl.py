@@ -14,7 +14,7 @@ from models.collapse import collapse_metrics
 from models.ema import cosine_momentum
 from models.methods.base import Method, StepContext
 from models.methods.byol import BYOLConfig, build_byol
-from models.methods.dino import DINOConfig, build_dino, embed_crops, teacher_temperature
+from models.methods.dino import DINOConfig, build_dino, teacher_temperature
 from models.methods.mocov3 import MoCoV3Config, build_mocov3
 from models.methods.simclr import SimCLRConfig, build_simclr
 from models.methods.simsiam import SimSiamConfig, build_simsiam
@@ -239,7 +239,6 @@ def test_dino_center_and_teacher_temperature() -> None:
 def test_dino_sinkhorn_centering_gives_balanced_teacher_targets() -> None:
     from models.backbones import embed
     from models.losses import dino_loss, sinkhorn_knopp
-    from models.methods.dino import embed_crops
 
     method = _build("dino", VIT, centering="sinkhorn_knopp", teacher_temp=0.05)
     method.teacher_temp = 0.05
@@ -247,7 +246,7 @@ def test_dino_sinkhorn_centering_gives_balanced_teacher_targets() -> None:
     with torch.no_grad():
         t = method.teacher["head"](embed(method.teacher["backbone"], torch.cat(views[:2])))
         crops = [embed(method.backbone, v) for v in views[:2]]
-        crops += [embed_crops(method.backbone, v) for v in views[2:]]
+        crops += [embed(method.backbone, v) for v in views[2:]]
         logits = [method.head(c) for c in crops]
     out = method({"views": views})
     # The loss is DINO's cross-entropy against the Sinkhorn-Knopp targets of the teacher's
@@ -278,14 +277,30 @@ def test_predictor_gets_its_own_learning_rate_scale(name: str) -> None:
     assert [g["lr_scale"] for g in plain] == [1.0, 1.0]
 
 
+def _embed_resampled(vit: Any, imgs: torch.Tensor) -> torch.Tensor:
+    """A ViT's class token for crops of another size, written out: the position table
+    (class token first) resampled to the crop's patch grid with timm's function."""
+    from timm.layers import resample_abs_pos_embed
+
+    x = vit.patch_embed.proj(imgs)  # (B, D, h, w)
+    grid = [x.shape[-2], x.shape[-1]]
+    x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+    pos = resample_abs_pos_embed(vit.pos_embed, new_size=grid, num_prefix_tokens=1)
+    cls = (vit.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+    x = vit.blocks(torch.cat([cls, x + pos[:, 1:]], dim=1))
+    return vit.norm(x)[:, 0]
+
+
 def test_dino_embeds_local_crops_of_another_size() -> None:
     from models.backbones import embed
 
-    method = _build("dino", VIT)
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(embed_crops(method.backbone, x), embed(method.backbone, x))
-    small = embed_crops(method.backbone, torch.randn(2, 3, 16, 16))
-    assert small.shape == (2, method.backbone.num_features)
+    method = _build("dino", VIT).eval()
+    small = torch.randn(2, 3, 16, 16)
+    out = embed(method.backbone, small)
+    assert out.shape == (2, method.backbone.num_features)
+    torch.testing.assert_close(out, _embed_resampled(method.backbone, small))
+    x = torch.randn(2, 3, 32, 32)  # the native size: the table is used as it is
+    torch.testing.assert_close(embed(method.backbone, x), _embed_resampled(method.backbone, x))
 
 
 def test_wrong_number_of_views_is_a_value_error() -> None:
