@@ -1,4 +1,4 @@
-"""MAE training throughput against the official MAE code, and model-FLOPs utilisation (MFU).
+"""MAE training images/s against the official MAE code, and model-FLOPs utilisation (MFU).
 
     python -m train.benchmark                       # ViT-tiny, 32 px, patch 4, decoder 128x4,
                                                     # batch 128, bf16: project vs reference

@@ -204,8 +204,6 @@ class TrainConfig:
             raise ConfigError(
                 "train.micro_batch and train.grad_accum must be >= 1, steps and epochs >= 0"
             )
-        if self.steps == 0 and self.epochs == 0:
-            raise ConfigError("give the run length: train.epochs (or train.steps for short runs)")
         if self.global_batch < 0:
             raise ConfigError("train.global_batch must be >= 0")
         if self.precision not in PRECISIONS:
@@ -355,7 +353,9 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
 
 
 def validate_cross(cfg: RunConfig) -> None:
-    """Checks that involve more than one section."""
+    """Checks that involve more than one section (after each section checked itself)."""
+    if cfg.train.steps == 0 and cfg.train.epochs == 0:
+        raise ConfigError("give the run length: train.epochs (or train.steps for short runs)")
     if cfg.optim.name in ("lars", "lamb") and (
         cfg.train.zero != "zero0" or cfg.train.precision != "fp32"
     ):

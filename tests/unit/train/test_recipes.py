@@ -65,5 +65,7 @@ def test_a_recipe_may_extend_a_shipped_recipe_by_name(tmp_path: Path) -> None:
 def test_rewritten_recipes_resolve_as_before(name: str) -> None:
     """The resolved configs were saved before these recipes moved onto ``_vit_tiny_cifar``."""
     before = json.loads(SNAPSHOTS.read_text())[name]
-    assert json.loads(json.dumps(load_config(name).to_dict())) == before
+    now = json.loads(json.dumps(load_config(name).to_dict()))
+    # every value of the snapshot is unchanged (fields added since keep their defaults)
+    assert {sec: {k: now[sec][k] for k in keys} for sec, keys in before.items()} == before
     assert "base" in (RECIPES_DIR / f"{name}.toml").read_text()
