@@ -81,18 +81,7 @@ def run_export(
     assert img_size is not None
     model.eval()
     kind = getattr(model, "output_kind", "embedding")
-    d = cfg.data
-    calib = load_images(
-        d.calibration or d.train,
-        img_size,
-        cfg.quant.calibration_images,
-        None if d.calibration else d.train_index,
-    )
-    val = load_images(d.val, img_size, d.val_limit or None, d.val_index)
-    train: ImageSet | None = None
-    if kind == "embedding":
-        train = load_images(d.train, img_size, d.bank_limit or None, d.train_index)
-    log.info(f"data: {len(calib)} calibration, {len(val)} eval, {len(train or [])} bank images")
+    calib, val, train = _load_data(cfg, img_size, kind)
 
     fp32 = out / "model.fp32.onnx"
     exported = export_onnx(
@@ -106,20 +95,7 @@ def run_export(
     )
 
     settings = QuantSettings(**cfg.quant.__dict__)
-    sens = None
-    if cfg.sensitivity.enabled or cfg.sensitivity.exclude_top:
-        sens = sensitivity.scan(
-            fp32,
-            calib.images,
-            val.images[: cfg.sensitivity.images],
-            kind,
-            settings,
-            max_nodes=cfg.sensitivity.max_nodes,
-        )
-        sensitivity.write_report(sens, out)
-        worst = sensitivity.top_nodes(sens, cfg.sensitivity.exclude_top)
-        settings.exclude = sorted(set(settings.exclude) | set(worst))
-        log.info(f"sensitivity: {sens['num_nodes']} nodes scanned; kept in float: {worst}")
+    sens = _sensitivity(cfg, fp32, calib, val, kind, settings, out)
     candidates = _quantize_schemes(fp32, calib.images, settings, out, kind)
     variants = _variants(cfg, fp32, calib, out, kind) if cfg.compare_formats else {}
     report = verify(fp32, candidates, kind, img_size, val, train, cfg.verify, extra_models=variants)
@@ -140,26 +116,7 @@ def run_export(
         )
     pt2e_info = _pt2e(model, calib, val, train, kind, img_size) if cfg.pt2e else None
 
-    meta = {
-        "name": out.name,
-        "source": source or "python object",
-        "architecture": type(getattr(model, "backbone", model)).__name__,
-        "img_size": img_size,
-        "exporter": exported.exporter,
-        "exporter_note": exported.note,
-        "opset": cfg.opset,
-        "fp32_onnx_max_abs_diff": exported.max_abs_diff,
-        "fp32_rtol": cfg.fp32_rtol,
-        "quantization": {
-            **settings.__dict__,
-            "scheme": report["scheme"],
-            "kept_in_float": float_nodes(int8),
-        },
-        "calibration_data": d.calibration or d.train,
-        "eval_data": d.val,
-        "config": cfg.to_dict(),
-        "seconds": round(time.time() - t0, 1),
-    }
+    meta = _meta(cfg, out, source, model, img_size, exported, settings, report, int8, t0)
     if sens is not None:
         meta["sensitivity"] = {"report": "sensitivity.md", "excluded": settings.exclude}
     if qat_info is not None:
@@ -180,6 +137,87 @@ def run_export(
     )
     log.info(f"artefact: {out} ({report['verdict']})")
     return report
+
+
+def _load_data(
+    cfg: ExportConfig, img_size: int, kind: str
+) -> tuple[ImageSet, ImageSet, ImageSet | None]:
+    """Calibration, evaluation and (for an embedding) k-NN bank images."""
+    d = cfg.data
+    calib = load_images(
+        d.calibration or d.train,
+        img_size,
+        cfg.quant.calibration_images,
+        None if d.calibration else d.train_index,
+    )
+    val = load_images(d.val, img_size, d.val_limit or None, d.val_index)
+    train: ImageSet | None = None
+    if kind == "embedding":
+        train = load_images(d.train, img_size, d.bank_limit or None, d.train_index)
+    log.info(f"data: {len(calib)} calibration, {len(val)} eval, {len(train or [])} bank images")
+    return calib, val, train
+
+
+def _sensitivity(
+    cfg: ExportConfig,
+    fp32: Path,
+    calib: ImageSet,
+    val: ImageSet,
+    kind: str,
+    settings: QuantSettings,
+    out: Path,
+) -> dict[str, Any] | None:
+    """The per-layer sensitivity scan, when asked; its worst layers join ``settings.exclude``."""
+    if not (cfg.sensitivity.enabled or cfg.sensitivity.exclude_top):
+        return None
+    sens = sensitivity.scan(
+        fp32,
+        calib.images,
+        val.images[: cfg.sensitivity.images],
+        kind,
+        settings,
+        max_nodes=cfg.sensitivity.max_nodes,
+    )
+    sensitivity.write_report(sens, out)
+    worst = sensitivity.top_nodes(sens, cfg.sensitivity.exclude_top)
+    settings.exclude = sorted(set(settings.exclude) | set(worst))
+    log.info(f"sensitivity: {sens['num_nodes']} nodes scanned; kept in float: {worst}")
+    return sens
+
+
+def _meta(
+    cfg: ExportConfig,
+    out: Path,
+    source: str | None,
+    model: nn.Module,
+    img_size: int,
+    exported: Any,
+    settings: QuantSettings,
+    report: dict[str, Any],
+    int8: Path,
+    t0: float,
+) -> dict[str, Any]:
+    """What the artefact's report and model card say about how it was made."""
+    return {
+        "name": out.name,
+        "source": source or "python object",
+        "architecture": type(getattr(model, "backbone", model)).__name__,
+        "img_size": img_size,
+        "exporter": exported.exporter,
+        "exporter_note": exported.note,
+        "opset": cfg.opset,
+        "fp32_onnx_max_abs_diff": exported.max_abs_diff,
+        "fp32_rtol": cfg.fp32_rtol,
+        "quantization": {
+            **settings.__dict__,
+            "scheme": report["scheme"],
+            "kept_in_float": float_nodes(int8),
+        },
+        "calibration_data": cfg.data.calibration or cfg.data.train,
+        "eval_data": cfg.data.val,
+        "config": cfg.to_dict(),
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def _recover_with_qat(cfg, model, img_size, kind, calib, val, train, settings, out, before):
