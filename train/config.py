@@ -50,6 +50,10 @@ class ModelConfig:
     """Replace LayerNorm with apex's FusedLayerNorm when apex is installed (warns otherwise)."""
     channels_last: bool = False
     """Channels-last memory format for convolutional backbones and their inputs."""
+    init: str = ""
+    """Start from these backbone weights instead of a random init: a run or checkpoint
+    directory, an exported encoder, a timm state dict, or a published format (official MAE
+    or DINO checkpoint, Hugging Face directory); they must fit this model. "" = random."""
 
     def __post_init__(self) -> None:
         if self.img_size <= 0 or self.patch_size <= 0:
@@ -356,6 +360,12 @@ def validate_cross(cfg: RunConfig) -> None:
     """Checks that involve more than one section (after each section checked itself)."""
     if cfg.train.steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("give the run length: train.epochs (or train.steps for short runs)")
+    method_cls = type(cfg.method)
+    if cfg.model.init and (method_cls.has_teacher or method_cls.weight_fields):
+        raise ConfigError(
+            f"model.init is for methods that train one backbone (mae, simclr, simsiam); "
+            f"{cfg.method.name} builds a teacher or takes method.* weights instead"
+        )
     if cfg.optim.name in ("lars", "lamb") and (
         cfg.train.zero != "zero0" or cfg.train.precision != "fp32"
     ):

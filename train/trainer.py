@@ -65,7 +65,7 @@ from train.metrics import RunLogger, StepMetrics
 from train.preemption import EXIT_REQUEUE, StopFlag
 from train.run_plan import plan_run, set_weight_decay
 from train.schedules import warmup_cosine
-from train.weights import method_weights
+from train.weights import init_backbone, method_weights
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 """A dead rank fails the job after this long instead of hanging it."""
@@ -332,6 +332,7 @@ class Trainer:
         )
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         method: Method = create_method(cfg.method, cfg.model, method_weights(cfg.method, cfg.model))
+        init_backbone(method.backbone, cfg.model)
         loader = build_loader(
             cfg.data.train_shards,
             transform=transform,

@@ -290,3 +290,14 @@ def load_teacher(spec: str, pool: str = "cls") -> Any:
     from models.methods.distil import frozen_teacher
 
     return frozen_teacher(resolve_weights(spec), pool)
+
+
+def init_backbone(backbone: torch.nn.Module, model_cfg: ModelConfig) -> None:
+    """``model.init``: load the weights it names (anything :func:`resolve_weights` takes,
+    published formats included) into ``backbone``; they must fit ``model``. A no-op for "".
+    """
+    if not model_cfg.init:
+        return
+    weights = resolve_weights(model_cfg.init, expect=model_cfg)
+    weights.load_into(backbone)
+    log.info(f"model.init: {weights.kind} weights from {weights.source}")

@@ -200,3 +200,33 @@ def test_resolver_takes_official_checkpoints_for_init_teacher_and_evaluation(
     wrong = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4)
     with pytest.raises(ValueError, match="patch_size"):
         resolve_weights(tmp_path / "mae.pth", expect=wrong)
+
+
+def test_model_init_starts_mae_from_an_official_checkpoint(tmp_path: Path) -> None:
+    """``model.init=<official MAE file>``: the pretraining backbone starts from those weights
+    (the same features as the source model), and methods with a teacher refuse it."""
+    from models.registry import create_method
+    from train.config import ConfigError, config_from_dict
+    from train.weights import init_backbone
+
+    torch.manual_seed(6)
+    source = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8
+    ).eval()
+    torch.save({"model": dict(source.state_dict())}, tmp_path / "mae.pth")
+    model = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8}
+    cfg = config_from_dict(
+        {"model": {**model, "init": str(tmp_path / "mae.pth")}, "train": {"steps": 1}}
+    )
+    method = create_method(cfg.method, cfg.model)
+    assert not torch.equal(features(method.backbone.eval()), features(source))  # random init
+    init_backbone(method.backbone, cfg.model)
+    assert torch.equal(features(method.backbone.eval()), features(source))
+    with pytest.raises(ConfigError, match=r"model\.init"):
+        config_from_dict(
+            {
+                "model": {**model, "init": str(tmp_path / "mae.pth")},
+                "method": {"name": "byol"},
+                "train": {"steps": 1},
+            }
+        )
