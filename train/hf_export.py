@@ -47,8 +47,11 @@ def write_hf_export(
         warnings.warn("no Hugging Face export: model.cifar_stem is not a timm model", stacklevel=2)
         return None
     args = timm_model_args(model_cfg)
+    state = load_file(str(weights))
+    if "fc_norm.weight" in state and "norm.weight" not in state:
+        args["global_pool"] = "avg"  # MAE's fine-tuning head: fc_norm on the token mean
     model = timm.create_model(model_cfg["name"], pretrained=False, num_classes=0, **args)
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.load_state_dict(state, strict=True)
     size = int(model_cfg["img_size"])
     data_config = {
         "input_size": (3, size, size),

@@ -99,13 +99,14 @@ class Finetune(Method):
         self.cfg = cfg
         self.backbone = backbone
         dim = embed_dim(backbone)
-        self.fc_norm: nn.Module | None = None
         if is_vit(backbone):
             vit: Any = backbone
             vit.pos_embed.requires_grad_(True)  # fixed sin-cos in pretraining, trained here
             if cfg.global_pool == "avg":
-                vit.norm = nn.Identity()  # timm's use_fc_norm: normalise the mean instead
-                self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+                # timm's use_fc_norm, on the backbone itself (timm's names: ``fc_norm.*``, no
+                # ``norm.*``), so that the exported encoder is timm's global_pool='avg' model
+                vit.norm = nn.Identity()
+                vit.fc_norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, cfg.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head init
         nn.init.zeros_(self.head.bias)
@@ -123,6 +124,12 @@ class Finetune(Method):
             self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
+
+    @property
+    def fc_norm(self) -> nn.Module | None:
+        """The norm of the pooled tokens (avg pooling of a ViT), part of the backbone."""
+        norm = getattr(self.backbone, "fc_norm", None)
+        return norm if isinstance(norm, nn.LayerNorm) else None
 
     def logits(self, imgs: torch.Tensor) -> torch.Tensor:
         pool = self.cfg.global_pool if is_vit(self.backbone) else "cls"
