@@ -27,8 +27,11 @@ demo: $(STAMP) data
 	$(BIN)/python -m train.demo
 
 # the whole chain on the embedded data: pretrain -> evaluate -> distil -> INT8 + ONNX artefact
+# --accept-failed: on the embedded shapes data, at this demo's CPU budget, the encoders are
+# at chance and the honest INT8 verdict says FAILED (near chance); the target checks that
+# every stage runs on real checkpoints and that the report is written, and exits 0.
 demo-full: $(STAMP) data
-	$(BIN)/python -m train.export pipeline export_pipeline_demo
+	$(BIN)/python -m train.export pipeline export_pipeline_demo --accept-failed
 
 test: $(STAMP)
 	$(BIN)/ruff check train models data_pipelines slurm tests
