@@ -74,14 +74,22 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+            merged = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         except (ValueError, KeyError):
-            pass  # stage 0 without partitioned optimizer: the module states hold it all
+            merged = {}  # stage 0 without partitioned optimizer: the module states hold it all
+    else:
+        merged = {}
     state = load_weights_only(model_states_file(ckpt))
     module = state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, dict):
         raise ValueError(f"{ckpt}: the model states hold no 'module' state dict")
-    return {k: v.float() for k, v in module.items() if torch.is_tensor(v)}
+    # Frozen parameters (MAE's fixed sin-cos positions) live outside the optimizer's fp32
+    # partitions; ZeRO-1/2 checkpoints without frozen_param_shapes leave them out of the merge,
+    # and the module states (whole at stages 0-2) still hold them.
+    for k, v in module.items():
+        if k not in merged and torch.is_tensor(v) and v.numel() > 0:
+            merged[k] = v
+    return {k: v.float() for k, v in merged.items()}
 
 
 def encoder_state(
