@@ -257,6 +257,16 @@ def _transformers_args(config: dict[str, Any], state: State) -> tuple[str, dict[
     return name, args
 
 
+def _is_hf_dir(path: Path) -> bool:
+    """A Hugging Face layout: a ``config.json`` of timm (``architecture``) or transformers
+    (``model_type``) beside its weights."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and ("architecture" in config or "model_type" in config)
+
+
 def _from_hf_dir(path: Path) -> ExternalWeights:
     config = json.loads((path / "config.json").read_text())
     weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
@@ -320,8 +330,8 @@ def load_external(path: Path, *, model_name: str | None = None) -> ExternalWeigh
     """
     path = Path(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            return None
+        if not _is_hf_dir(path):
+            return None  # e.g. one of our run directories (its config.json is a run config)
         ext = _from_hf_dir(path)
     elif path.is_file():
         if path.with_suffix(".json").name == "encoder.json" and path.with_suffix(".json").is_file():
