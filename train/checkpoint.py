@@ -13,8 +13,8 @@ Layout of ``<run>/checkpoints/step_00000100/``:
 
 Loading is weights-only: checkpoints come from other people (teachers, shared runs), and a
 pickle can run code. DeepSpeed's own reader (``TorchCheckpointEngine.load``) and its offline
-tools (``zero_to_fp32``, ``ds_to_universal``, the universal loader) call
-``torch.load(weights_only=False)``. So the engine's reader is replaced by
+tools (``zero_to_fp32``, ``ds_to_universal``, the universal loader) unpickle in full.
+So the engine's reader is replaced by
 :class:`WeightsOnlyCheckpointEngine` (``torch.load(weights_only=True)`` with the few
 DeepSpeed classes it pickles allow-listed, :data:`DEEPSPEED_SAFE_GLOBALS`), and the files
 that DeepSpeed's offline tools read are first loaded weights-only by
@@ -326,7 +326,7 @@ def verify_weights_only(path: Path) -> None:
     """Load every ``*.pt`` under ``path`` weights-only (memory-mapped), or raise.
 
     Run before DeepSpeed's offline readers (``zero_to_fp32``, ``ds_to_universal``, the
-    universal loader), which unpickle with ``weights_only=False``: they then only see files
+    universal loader), which unpickle in full: they then only see files
     the weights-only unpickler accepted.
     """
     for f in sorted(path.rglob("*.pt")):

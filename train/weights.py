@@ -65,8 +65,8 @@ def resolve_checkpoint(path: Path) -> Path:
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage, weights-only.
 
-    With ZeRO partitions, DeepSpeed's ``zero_to_fp32`` merges them; it unpickles with
-    ``weights_only=False``, so every file is first loaded weights-only
+    With ZeRO partitions, DeepSpeed's ``zero_to_fp32`` merges them; it unpickles in full,
+    so every file is first loaded weights-only
     (``verify_weights_only``) and a file holding anything but tensors is refused.
     """
     verify_weights_only(ckpt)
