@@ -60,11 +60,13 @@ class Session:
         self.device = init_eval_distributed()
         self.rank, self.world = rank(), world_size()
         self.out = Path(cfg.output_dir)
+        e = cfg.encoder
+        # The encoder first: a wrong checkpoint path is the likelier mistake, and its error
+        # should not hide behind one about the (default) data.
+        self.encoders = {"pretrained": self._load(random_init=False)}
         d = cfg.data
         check_labelled(d.train, d.train_index)
         check_labelled(d.val, d.val_index)
-        e = cfg.encoder
-        self.encoders = {"pretrained": self._load(random_init=False)}
         first = self.encoders["pretrained"]
         if e.compare_random and first.kind not in ("random", PIXELS):
             self.encoders["random"] = self._load(random_init=True)
