@@ -31,7 +31,7 @@ demo: $(STAMP) data
 # at chance and the honest INT8 verdict says FAILED (near chance); the target checks that
 # every stage runs on real checkpoints and that the report is written, and exits 0.
 demo-full: $(STAMP) data
-	$(BIN)/python -m train.export pipeline export_pipeline_demo --accept-failed
+	$(BIN)/python -m train.edge_export pipeline export_pipeline_demo --accept-failed
 
 test: $(STAMP)
 	$(BIN)/ruff check train models data_pipelines slurm tests

@@ -331,10 +331,10 @@ def sustained_mae(
     from data_pipelines.transforms import model_input
     from models.methods.mae import MAEConfig
     from models.registry import create_method
-    from train.config import ModelConfig
+    from train.config import ModelSection
 
     cuda = device.type == "cuda"
-    model_cfg = ModelConfig(name=model, img_size=img_size, patch_size=patch_size)
+    model_cfg = ModelSection(name=model, img_size=img_size, patch_size=patch_size)
     method = create_method(MAEConfig(), model_cfg).to(device)
     optimizer = torch.optim.AdamW(method.parameters(), lr=1.5e-4, fused=True)
     tf = build_transform("mae", img_size, uint8=True)

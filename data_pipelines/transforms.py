@@ -6,7 +6,7 @@ ImageNet mean/std; ``from_bytes`` takes the encoded image and decodes it at the 
 drawn crops need. Geometry is RandomResizedCrop (parameters drawn exactly as
 torchvision.transforms.v2 draws them, by ``crop_params``), flip, and torchvision's bicubic
 antialiased resize (``resized_crop``: the same uint8 kernel, kept channels-last); the image
-stays uint8 until one conversion to float; colour ops are the batched ops of ``gpu_augment``
+stays uint8 until one conversion to float; colour ops are the batched ops of ``color_ops``
 (tested equal to torchvision's), applied with B = 1, and normalisation is one fused
 multiply-add.
 
@@ -42,8 +42,8 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torch import Tensor
 
+from data_pipelines.color_ops import ColorAugment, ColorParams
 from data_pipelines.decode import covering_reduction, decode_pixels, jpeg_size
-from data_pipelines.gpu_augment import ColorAugment, ColorParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

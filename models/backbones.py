@@ -1,30 +1,68 @@
-"""``create_backbone(model_cfg)``: any timm ViT (see models.vit) or ResNet-18/50.
+"""``create_backbone(model_cfg, role)``: the one place that turns a model name into a network.
 
-Every backbone maps images ``(B, 3, H, W)`` to a pooled embedding ``(B, D)`` through
+* ``role="encoder"`` (pretraining, evaluation, fine-tuning): a timm ViT (a
+  :class:`models.vit.MaskedViT`, see models.vit) or any other timm model without classifier
+  (ResNet-18/50, ...), with the CIFAR stem and gradient checkpointing the config asks for.
+* ``role="student"`` (distillation): a timm CNN built for export
+  (``exportable=True``: static padding, plain activations), checked to end in a feature map
+  of at least 2x2 at the training resolution (see models.students).
+
+Whether a name is a ViT is timm's registry's answer (:func:`is_vit_name`), not a name
+prefix. Every backbone maps images ``(B, 3, H, W)`` to a pooled embedding ``(B, D)`` through
 :func:`embed`; ``embed_dim(backbone)`` gives ``D``. The backbone never computes a loss.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from models.students import STUDENTS, apply_cifar_stem, check_student
 from models.vit import create_vit, forward_tokens, pool_tokens
+
+Role = Literal["encoder", "student"]
+ROLES: tuple[Role, ...] = ("encoder", "student")
+
+
+class BackboneSpec(Protocol):
+    """The fields of the run's ``model`` section that build a backbone."""
+
+    name: str
+    img_size: int
+    patch_size: int
+    drop_path_rate: float
+    grad_checkpointing: bool
+    grad_checkpointing_every: int
+    cifar_stem: bool
 
 
 def is_vit(backbone: nn.Module) -> bool:
     return isinstance(backbone, VisionTransformer)
 
 
-def create_backbone(model_cfg: Any) -> nn.Module:
-    """Build the backbone named by ``model_cfg.name`` (a train.config.ModelConfig)."""
-    name: str = model_cfg.name
+def is_vit_name(name: str) -> bool:
+    """Whether timm registers ``name`` in its ViT modules (vision_transformer, deit)."""
+    return bool(timm.models.is_model_in_modules(name, ["vision_transformer", "deit"]))
+
+
+def timm_args(name: str, img_size: int, patch_size: int) -> dict[str, Any]:
+    """Arguments beyond the name that rebuild the backbone with ``timm.create_model``."""
+    return {"img_size": img_size, "patch_size": patch_size} if is_vit_name(name) else {}
+
+
+def create_backbone(model_cfg: BackboneSpec, role: Role = "encoder") -> nn.Module:
+    """Build the backbone named by ``model_cfg.name`` for ``role`` (see the module docstring)."""
+    name = model_cfg.name
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if role == "student" and is_vit_name(name):
+        raise ValueError(f"model.name={name!r}: the student must be a CNN (e.g. {STUDENTS[0]})")
     every = model_cfg.grad_checkpointing_every if model_cfg.grad_checkpointing else 0
-    if name.startswith(("vit_", "deit_")):
+    if is_vit_name(name):
         return create_vit(
             name,
             img_size=model_cfg.img_size,
@@ -32,24 +70,20 @@ def create_backbone(model_cfg: Any) -> nn.Module:
             drop_path_rate=model_cfg.drop_path_rate,
             grad_checkpointing_every=every,
         )
+    kwargs: dict[str, Any] = {"exportable": True} if role == "student" else {}
+    if model_cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = model_cfg.drop_path_rate
     try:
-        model = timm.create_model(
-            name, pretrained=False, num_classes=0, drop_path_rate=model_cfg.drop_path_rate
-        )
-    except RuntimeError as e:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
         raise ValueError(f"model.name={name!r}: {e}") from None
-    if getattr(model_cfg, "cifar_stem", False):
-        _cifar_stem(model)
+    if model_cfg.cifar_stem:
+        apply_cifar_stem(model)
     if every:
         model.set_grad_checkpointing(True)  # type: ignore[operator]
+    if role == "student":
+        check_student(model, name, model_cfg.img_size, model_cfg.cifar_stem)
     return model
-
-
-def _cifar_stem(model: nn.Module) -> None:
-    """32 px stem: ResNet 3x3 stride-1 conv without max-pool; conv_stem models at stride 1."""
-    from models.students import apply_cifar_stem
-
-    apply_cifar_stem(model)
 
 
 def embed_dim(backbone: nn.Module) -> int:

@@ -1,8 +1,9 @@
 """Edge students: any timm CNN, built for export, with an optional CIFAR stem.
 
-* :func:`create_student` builds ``timm.create_model(name, num_classes=0, exportable=True)``
-  (timm then picks static padding and plain activations, ops that ONNX/INT8 export handles)
-  and checks that its last feature map is at least 2x2 at the training resolution.
+* ``models.backbones.create_backbone(cfg, "student")`` builds
+  ``timm.create_model(name, num_classes=0, exportable=True)`` (timm then picks static padding
+  and plain activations, ops that ONNX/INT8 export handles) and :func:`check_student` checks
+  that its last feature map is at least 2x2 at the training resolution.
 * :func:`apply_cifar_stem` adapts the stem to 32 px images: ResNets get a 3x3 stride-1 conv
   and no max-pool (SimCLR's CIFAR variant); models with a ``conv_stem`` (MobileNetV2/V3/V4,
   EfficientNet) get that conv at stride 1. Total stride 32 -> 16 (ResNet: 32 -> 8), so at
@@ -19,9 +20,7 @@ The student's state dict is exactly timm's, so an export loads into
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import timm
 import torch
 from torch import nn
 
@@ -95,25 +94,10 @@ def student_shape(model: nn.Module, img_size: int) -> StudentShape:
     return StudentShape(int(pooled.shape[1]), int(fmap.shape[1]), (fmap.shape[2], fmap.shape[3]))
 
 
-def create_student(
-    name: str,
-    *,
-    img_size: int,
-    cifar_stem: bool = False,
-    drop_path_rate: float = 0.0,
-) -> nn.Module:
-    """A timm CNN without classifier, export-friendly, checked at ``img_size`` px."""
-    if name.startswith(("vit_", "deit_")):
-        raise ValueError(f"model.name={name!r}: the student must be a CNN (e.g. {STUDENTS[0]})")
-    kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, exportable=True, **kwargs)
-    except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise ValueError(f"model.name={name!r}: {e}") from None
+def check_student(model: nn.Module, name: str, img_size: int, cifar_stem: bool) -> None:
+    """Refuse a student without timm's feature API or with a last map under 2x2."""
     if not hasattr(model, "forward_features") or not hasattr(model, "forward_head"):
         raise ValueError(f"model.name={name!r} lacks timm's forward_features/forward_head")
-    if cifar_stem:
-        apply_cifar_stem(model)
     h, w = student_shape(model, img_size).feature_hw
     if min(h, w) < MIN_FEATURE_MAP:
         hint = "" if cifar_stem else "; set model.cifar_stem=true for small images"
@@ -121,7 +105,6 @@ def create_student(
             f"{name} at {img_size} px ends in a {h}x{w} feature map "
             f"(< {MIN_FEATURE_MAP}x{MIN_FEATURE_MAP}){hint}"
         )
-    return model
 
 
 def count_parameters(model: nn.Module) -> int:

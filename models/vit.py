@@ -9,7 +9,10 @@ name and timm's API (``forward``, ``no_weight_decay``, ...) is unchanged:
   image size (crops of another size than ``img_size``, e.g. DINO's local crops, get the
   position table resampled to their grid).
 * ``MaskedViT.forward_features(x, ids_keep)`` encodes all tokens or only the visible subset
-  ``ids_keep``, with optional selective activation checkpointing (every k-th block).
+  ``ids_keep``, with optional selective activation checkpointing (every k-th block);
+  ``vit(x, ids_keep=..., tokens=True)`` returns those tokens through the module call, so that
+  ZeRO-3's forward hooks gather the class token and position table like any other parameter
+  (no parameter is registered with DeepSpeed by hand).
 """
 
 from __future__ import annotations
@@ -37,6 +40,20 @@ class MaskedViT(VisionTransformer):
         if every < 0:
             raise ValueError(f"grad_checkpointing_every must be >= 0, got {every}")
         self.ckpt_every = every
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        ids_keep: torch.Tensor | None = None,
+        tokens: bool = False,
+    ) -> torch.Tensor:
+        """timm's forward (the pooled embedding); ``tokens=True``: the normalised tokens
+        ``(B, 1 + L', D)`` of :meth:`forward_features` with ``ids_keep``."""
+        feats = self.forward_features(x, ids_keep, attn_mask, is_causal)
+        return feats if tokens else self.forward_head(feats)
 
     def forward_features(  # type: ignore[override]
         self,
@@ -124,24 +141,11 @@ def num_patches(vit: VisionTransformer) -> int:
 def forward_tokens(
     vit: VisionTransformer, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``vit.forward_features(imgs, ids_keep)`` of a :class:`MaskedViT`: ``(B, 1 + L', D)``."""
+    """``vit.forward_features(imgs, ids_keep)`` of a :class:`MaskedViT`: ``(B, 1 + L', D)``,
+    through the module call (ZeRO-3 gathers the ViT's own parameters in its hooks)."""
     assert isinstance(vit, MaskedViT), type(vit)  # create_vit builds every ViT here
-    return vit.forward_features(imgs, ids_keep)
-
-
-def token_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The class token and position table of every ViT inside ``model``.
-
-    ``MaskedViT.forward_features`` is called without ``VisionTransformer.forward``, so under
-    ZeRO-3 they must be registered as external parameters of the module whose forward runs
-    (``deepspeed.zero.register_external_parameter``), or they stay partitioned and empty.
-    """
-    return [
-        p
-        for m in model.modules()
-        if isinstance(m, VisionTransformer)
-        for p in m.parameters(recurse=False)
-    ]
+    out: torch.Tensor = vit(imgs, ids_keep=ids_keep, tokens=True)
+    return out
 
 
 def pool_tokens(tokens: torch.Tensor, kind: str = "cls") -> torch.Tensor:

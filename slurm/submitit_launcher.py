@@ -39,7 +39,7 @@ MODULES = {
     "pretrain_single_node": "train.pretrain",
     "pretrain_multi_node": "train.pretrain",
     "distil": "train.distil",
-    "export": "train.export",
+    "export": "train.edge_export",
 }
 """The stage each sbatch template runs (eval_array's sweeps stay with sbatch)."""
 

@@ -24,7 +24,7 @@ EXIT_USAGE = 2
 EXIT_VERIFY = 3
 """A result failed its verification (INT8 lost more than ``verify.max_drop``)."""
 EXIT_STAGE = 4
-"""A stage of ``train.export pipeline`` failed; its report names the stage and why."""
+"""A stage of ``train.edge_export pipeline`` failed; its report names the stage and why."""
 EXIT_DIVERGED = 5
 """Training stopped: loss or gradient norm still non-finite after ``train.max_rollbacks``."""
 EXIT_REQUEUE = 75

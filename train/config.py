@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     """The backbone that is pretrained (and later exported)."""
 
     name: str = "vit_tiny_patch16_224"
@@ -69,7 +69,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     """Where the images come from and how they are streamed."""
 
     train_shards: str = ""
@@ -108,7 +108,7 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimSection:
     """Optimizer and learning-rate schedule (warm-up then cosine, per step)."""
 
     name: str = "adamw"
@@ -168,7 +168,7 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     """Length, batch, precision and DeepSpeed preset of the run."""
 
     steps: int = 0
@@ -221,7 +221,7 @@ class TrainConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointSection:
     """When checkpoints are written and which are kept."""
 
     every: int = 500
@@ -237,7 +237,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class LogConfig:
+class LogSection:
     """What is logged and how often."""
 
     every: int = 10
@@ -260,13 +260,13 @@ class LogConfig:
 class RunConfig:
     """Everything a pretraining run needs; saved as ``config.json`` in the run directory."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     method: MethodConfig = field(default_factory=MethodConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
 
     def global_batch(self, world_size: int) -> int:
         return self.train.micro_batch * self.train.grad_accum * world_size

@@ -2,8 +2,7 @@
 
 The trainer, the benchmark and the test probes all build their engine here, so that what a
 benchmark times is what a run trains: the speed switches (fused LayerNorm, channels-last,
-compiled blocks), ZeRO-3 registration of the token parameters that no submodule's forward
-gathers, the optimizer over the method's own groups at the run's peak learning rate, the
+compiled blocks), the optimizer over the method's own groups at the run's peak learning rate, the
 universal-checkpoint switch of an elastic resume, and the EMA teacher moved to the device
 in the training precision.
 """
@@ -19,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from models.methods.base import Method
-from models.vit import token_parameters
 from train.checkpoint import ensure_universal, needs_universal
 from train.config import RunConfig
 from train.ds_config import build_ds_config
@@ -71,9 +69,6 @@ def build_engine(
     ds_config = build_ds_config(cfg, world)
     apply_speed_switches(method, cfg)
     zero3 = ds_config["zero_optimization"]["stage"] == 3
-    if zero3:
-        for p in token_parameters(method):
-            deepspeed.zero.register_external_parameter(method, p)
     peak_lr = cfg.optim.peak_lr(cfg.global_batch(world))
     optimizer = build_optimizer(
         cfg.optim.name,
@@ -102,5 +97,5 @@ def gathered_direct_params(method: Method, zero3: bool) -> Any:
         return contextlib.nullcontext()
     import deepspeed
 
-    params = list(method.parameters(recurse=False)) + token_parameters(method)
+    params = list(method.parameters(recurse=False))
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

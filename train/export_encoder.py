@@ -19,6 +19,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from models.backbones import timm_args
 from train.checkpoint import read_meta
 from train.hf_export import write_hf_export
 from train.weights import encoder_state, resolve_checkpoint
@@ -29,12 +30,9 @@ def encoder_spec(meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "timm_name": model["name"],
         "kwargs": {
-            "img_size": model["img_size"],
-            "patch_size": model["patch_size"],
+            **timm_args(model["name"], model["img_size"], model["patch_size"]),
             "num_classes": 0,
-        }
-        if model["name"].startswith(("vit_", "deit_"))
-        else {"num_classes": 0},
+        },
         "cifar_stem": model.get("cifar_stem", False),
         "method": meta["config"]["method"]["name"],
         "weights": "teacher" if meta["config"]["method"].get("export_teacher") else "backbone",

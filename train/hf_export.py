@@ -19,16 +19,10 @@ from typing import Any
 from safetensors.torch import load_file
 
 from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
+from models.backbones import timm_args
 
 CROP_PCT = 0.875
 """The evaluation transform resizes to ``size / 0.875`` and centre-crops ``size``."""
-
-
-def timm_model_args(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Arguments that rebuild the backbone with ``timm.create_model(name, **args)``."""
-    if model_cfg["name"].startswith(("vit_", "deit_")):
-        return {"img_size": model_cfg["img_size"], "patch_size": model_cfg["patch_size"]}
-    return {}
 
 
 def write_hf_export(
@@ -46,7 +40,7 @@ def write_hf_export(
     if model_cfg.get("cifar_stem"):
         warnings.warn("no Hugging Face export: model.cifar_stem is not a timm model", stacklevel=2)
         return None
-    args = timm_model_args(model_cfg)
+    args = timm_args(model_cfg["name"], model_cfg["img_size"], model_cfg["patch_size"])
     state = load_file(str(weights))
     if "fc_norm.weight" in state and "norm.weight" not in state:
         args["global_pool"] = "avg"  # MAE's fine-tuning head: fc_norm on the token mean

@@ -152,13 +152,13 @@ def build_mae_on_meta(
     """The project's MAE (encoder + decoder), with every tensor on the meta device."""
     from models.methods.mae import MAEConfig
     from models.registry import create_method
-    from train.config import ModelConfig
+    from train.config import ModelSection
 
     heads = max(1, dec_width // 32)
     method_cfg = MAEConfig(
         mask_ratio=mask_ratio, decoder_dim=dec_width, decoder_depth=dec_depth, decoder_heads=heads
     )
-    model_cfg = ModelConfig(name=model, img_size=img_size, patch_size=patch_size)
+    model_cfg = ModelSection(name=model, img_size=img_size, patch_size=patch_size)
     with torch.device("meta"):
         mae = create_method(method_cfg, model_cfg)
     encoder = next(m for m in mae.modules() if isinstance(m, VisionTransformer))

@@ -22,8 +22,8 @@ STAGES = {
     "evaluate": "python -m train.evaluate {knn,linear,label-efficiency,pictures} RECIPE",
     "finetune": "python -m train.evaluate finetune RECIPE",
     "distil": "python -m train.distil RECIPE",
-    "export": "python -m train.export artefact RECIPE",
-    "pipeline": "python -m train.export pipeline RECIPE",
+    "export": "python -m train.edge_export artefact RECIPE",
+    "pipeline": "python -m train.edge_export pipeline RECIPE",
 }
 """Each stage and the command that runs its recipes."""
 

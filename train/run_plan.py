@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.config import ConfigError, OptimConfig, RunConfig
+from train.config import ConfigError, OptimSection, RunConfig
 from train.schedules import cosine_between, warmup_cosine
 
 
@@ -186,7 +186,7 @@ def plan_run(cfg: RunConfig, world_size: int, rank: int) -> RunConfig:
 
 
 def set_weight_decay(
-    groups: list[dict[str, Any]], optim: OptimConfig, step: int, total: int
+    groups: list[dict[str, Any]], optim: OptimSection, step: int, total: int
 ) -> None:
     """Scheduled weight decay on the groups that decay (their ``weight_decay`` at build time
     is kept as ``base_weight_decay``; groups built without decay stay at 0)."""

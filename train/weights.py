@@ -38,7 +38,7 @@ from train.checkpoint import (
     read_meta,
     verify_weights_only,
 )
-from train.config import ConfigError, ModelConfig, build_dataclass
+from train.config import ConfigError, ModelSection, build_dataclass
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,10 @@ def encoder_state(
 # ---------------------------------------------------------------- architectures
 
 
-def model_config(raw: dict[str, Any]) -> ModelConfig:
+def model_config(raw: dict[str, Any]) -> ModelSection:
     """The ``model`` table of a saved config, for inference (no drop path, no checkpointing)."""
     try:
-        cfg = build_dataclass(ModelConfig, dict(raw), "model")
+        cfg = build_dataclass(ModelSection, dict(raw), "model")
     except ConfigError as e:
         raise ValueError(f"saved model config: {e}") from None
     cfg.drop_path_rate = 0.0
@@ -129,7 +129,7 @@ def model_config(raw: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
-def check_arch(arch: ModelConfig, expect: Any, source: str, what: str = "") -> None:
+def check_arch(arch: ModelSection, expect: Any, source: str, what: str = "") -> None:
     """Refuse weights of another architecture than ``expect`` (name, img_size, patch_size)."""
     for key in ("name", "img_size", "patch_size"):
         if getattr(arch, key) != getattr(expect, key):
@@ -300,7 +300,7 @@ def load_teacher(spec: str, pool: str = "cls") -> Any:
     return frozen_teacher(resolve_weights(spec), pool)
 
 
-def init_backbone(backbone: torch.nn.Module, model_cfg: ModelConfig) -> None:
+def init_backbone(backbone: torch.nn.Module, model_cfg: ModelSection) -> None:
     """``model.init``: load the weights it names (anything :func:`resolve_weights` takes,
     published formats included) into ``backbone``; they must fit ``model``. A no-op for "".
     """

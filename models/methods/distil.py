@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.backbones import is_vit
+from models.backbones import create_backbone, is_vit
 from models.distill_losses import (
     FEATURE_LOSSES,
     PATCH_LOSSES,
@@ -54,7 +54,7 @@ from models.heads import projection_mlp
 from models.methods.base import Batch, Method
 from models.pretrained import PretrainedWeights
 from models.registry import MethodConfig, register_method
-from models.students import create_student, student_features, student_shape
+from models.students import student_features, student_shape
 from models.vit import forward_tokens, pool_tokens
 
 POOLS = ("cls", "avg")
@@ -449,12 +449,7 @@ def build_distil(
 ) -> Distil:
     """The student is ``model.name`` with ``model.cifar_stem``; the teacher
     ``weights["teacher"]`` (``method.teacher``, resolved by the entry point)."""
-    student = create_student(
-        model_cfg.name,
-        img_size=model_cfg.img_size,
-        cifar_stem=model_cfg.cifar_stem,
-        drop_path_rate=model_cfg.drop_path_rate,
-    )
+    student = create_backbone(model_cfg, "student")
     if cfg.cache:
         return Distil(cfg, student, model_cfg.img_size, cache=TeacherCache(cfg.cache))
     with torch.random.fork_rng(devices=[]):  # the heads' init must not depend on the teacher

@@ -18,7 +18,7 @@ from torch import nn
 from models.methods.base import Batch, Method
 from models.pos_embed import sincos_2d
 from models.registry import MethodConfig, register_method
-from models.vit import MaskedViT, create_vit, num_patches
+from models.vit import MaskedViT, create_vit, forward_tokens, num_patches
 
 
 @dataclass
@@ -165,7 +165,7 @@ class MAE(Method):
         ids_keep, mask, ids_restore = random_masking(
             imgs.shape[0], length, self.cfg.mask_ratio, noise
         )
-        latent = self.backbone.forward_features(imgs, ids_keep)
+        latent = forward_tokens(self.backbone, imgs, ids_keep)
         pred = self.decode(latent, ids_restore)
         loss = masked_mse(pred, patchify(imgs, self.patch_size), mask, self.cfg.norm_pix_loss)
         return loss, pred, mask

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.students import create_student
+from models.backbones import create_backbone
 from models.vit import create_vit
 from tests.integration.runs import Rank, finish, read_metrics, shard_overrides, start
+from train.config import ModelSection
 from train.weights import load_teacher
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,7 @@ def test_distillation_zero3_teacher_frozen_and_cache_equals_online(
 
     # the export is the student alone and loads into the timm student
     exported = load_file(str(online / "export" / "encoder.safetensors"))
-    student = create_student(STUDENT, img_size=32, cifar_stem=True)
+    student = create_backbone(ModelSection(name=STUDENT, img_size=32, cifar_stem=True), "student")
     assert set(exported) == set(student.state_dict())
     student.load_state_dict(exported, strict=True)
     spec = json.loads((online / "export" / "encoder.json").read_text())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.export import main
+from train.edge_export import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

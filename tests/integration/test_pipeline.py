@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from train.export import main
+from train.edge_export import main
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ ENTRY_POINTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train.pretrain": (("pretraining", "DeepSpeed", "exit codes"), ("pretrain",)),
     "train.evaluate": (("k-NN", "linear", "finetune", "exit codes"), ("evaluate", "finetune")),
     "train.distil": (("teacher", "student", "exit codes"), ("distil",)),
-    "train.export": (("INT8", "pipeline", "artefact", "exit codes"), ("export", "pipeline")),
+    "train.edge_export": (("INT8", "pipeline", "artefact", "exit codes"), ("export", "pipeline")),
     "train.cache_teacher": (("teacher", "cache"), ("distil",)),
     "train.export_encoder": (("safetensors",), ()),
     "train.demo": (("mae_vit_tiny_demo", "data/default", "exit codes"), ()),
@@ -110,8 +110,8 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path: Path) -> No
     [
         ("train.evaluate", ["knn", "eval_default", "knn.k=7"], ("knn", "k")),
         ("train.evaluate", ["finetune", "finetune_vit_tiny_default", "train.steps=3"], None),
-        ("train.export", ["artefact", "export_default", "opset=17"], ("opset",)),
-        ("train.export", ["pipeline", "export_pipeline_demo", "distil.enabled=false"], None),
+        ("train.edge_export", ["artefact", "export_default", "opset=17"], ("opset",)),
+        ("train.edge_export", ["pipeline", "export_pipeline_demo", "distil.enabled=false"], None),
     ],
 )
 def test_print_config_of_other_commands(

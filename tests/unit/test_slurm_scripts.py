@@ -30,7 +30,7 @@ ENTRY_POINTS = {
     "pretrain_multi_node": "train.pretrain",
     "eval_array": '"${SSL_ENTRY:-train.evaluate}"',
     "distil": "train.distil",
-    "export": "train.export",
+    "export": "train.edge_export",
 }
 
 

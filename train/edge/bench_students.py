@@ -31,12 +31,15 @@ DEFAULT_STUDENTS = (
 def bench(name: str, size: int, threads: int, repeats: int, runtimes: list[str]) -> list[str]:
     import torch
 
-    from models.students import create_student
+    from models.backbones import create_backbone
     from train.edge.onnx_export import InferenceModel, export_onnx
     from train.edge.quantize_ort import quantize_int8
 
     torch.manual_seed(0)
-    model = InferenceModel(create_student(name, img_size=size, cifar_stem=size <= 64), pool="avg")
+    from train.config import ModelSection
+
+    spec = ModelSection(name=name, img_size=size, cifar_stem=size <= 64)
+    model = InferenceModel(create_backbone(spec, "student"), pool="avg")
     calib = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

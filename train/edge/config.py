@@ -13,7 +13,7 @@ from train.edge.verify import VerifySettings
 
 
 @dataclass
-class ModelSection:
+class ExportModelSection:
     """The model that is exported."""
 
     checkpoint: str = ""
@@ -31,7 +31,7 @@ class ModelSection:
 
 
 @dataclass
-class DataSection:
+class ExportDataSection:
     """Labelled shards (or ImageFolder directories), read through the eval preprocessing."""
 
     train: str = ""
@@ -90,10 +90,10 @@ class QATSection:
 
 @dataclass
 class ExportConfig:
-    """Everything ``python -m train.export artefact`` needs."""
+    """Everything ``python -m train.edge_export artefact`` needs."""
 
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    model: ExportModelSection = field(default_factory=ExportModelSection)
+    data: ExportDataSection = field(default_factory=ExportDataSection)
     quant: QuantSettings = field(default_factory=QuantSettings)
     verify: VerifySettings = field(default_factory=VerifySettings)
     sensitivity: SensitivitySection = field(default_factory=SensitivitySection)

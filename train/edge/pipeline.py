@@ -1,6 +1,6 @@
 """The whole chain in one command: pretrain -> evaluate -> distil -> export, then a report.
 
-``python -m train.export pipeline RECIPE [key=value ...]`` (recipe
+``python -m train.edge_export pipeline RECIPE [key=value ...]`` (recipe
 ``train/recipes/export_pipeline_*.toml``). Every stage is a config-driven command run as a
 subprocess (``python -m train.pretrain``, ``python -m train.evaluate knn``, ``python -m
 train.distil``), each writing into ``<output_dir>/<stage>``; the export of each model (the

@@ -9,7 +9,7 @@ robust to rounding, are exported and quantized again by ONNX Runtime.
 
 Two ways to run it:
 
-* :func:`qat_finetune`, a short loop over in-memory images used by ``train.export`` when
+* :func:`qat_finetune`, a short loop over in-memory images used by ``train.edge_export`` when
   post-training quantization loses more than the accepted drop (seconds on a CPU; the
   images are the calibration / bank images already decoded);
 * ``models.methods.qat``, the same loss as a method of the project's trainer

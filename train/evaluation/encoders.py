@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from models.backbones import create_backbone
-from train.config import ModelConfig
+from train.config import ModelSection
 from train.weights import check_arch, model_config, resolve_weights
 
 RANDOM_PREFIX = "random:"
@@ -47,7 +47,7 @@ class Encoder:
     """A backbone in eval mode and where it came from (written into every result)."""
 
     model: nn.Module
-    arch: ModelConfig
+    arch: ModelSection
     source: str
     """The resolved checkpoint or weights file, or ``random:<name>``."""
     kind: str
@@ -66,7 +66,7 @@ def load_encoder(
     img_size: int = 32,
     patch_size: int = 4,
     seed: int = 0,
-    expect: ModelConfig | None = None,
+    expect: ModelSection | None = None,
 ) -> Encoder:
     """Build the backbone of ``spec`` in eval mode, with its weights or (``random_init``) fresh.
 

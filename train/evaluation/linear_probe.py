@@ -54,7 +54,7 @@ def _optimizer(heads: MultiHead, s: LinearSection) -> tuple[torch.optim.Optimize
     ]
     if s.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=peaks[0], momentum=0.9), peaks
-    from train.optimizers import LARS
+    from train.lars import LARS
 
     return LARS(groups, lr=peaks[0]), peaks
 

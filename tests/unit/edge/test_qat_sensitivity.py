@@ -66,10 +66,10 @@ def test_qat_method_trains_a_fake_quant_copy_against_a_frozen_outside_teacher():
     from models.backbones import create_backbone, embed
     from models.fake_quant import FakeQuantConv2d
     from models.methods.qat import QATConfig, QATMethod
-    from train.config import ModelConfig
+    from train.config import ModelSection
 
     torch.manual_seed(0)
-    cfg = ModelConfig(name="vit_tiny_patch16_224", img_size=16, patch_size=4)
+    cfg = ModelSection(name="vit_tiny_patch16_224", img_size=16, patch_size=4)
     method = QATMethod(QATConfig(init="random"), create_backbone(cfg)).train()
     names = [n for n, _ in method.named_parameters()]
     assert names and all(n.startswith("backbone.") for n in names)
@@ -100,10 +100,10 @@ def test_qat_and_export_run_on_a_frozen_checkpoint_loaded_encoder(toy_data, tmp_
     from safetensors.torch import save_file
 
     from models.backbones import create_backbone
-    from train.config import ModelConfig
+    from train.config import ModelSection
     from train.edge.onnx_export import load_inference_model
 
-    arch = ModelConfig(name="mobilenetv3_small_050", img_size=32, cifar_stem=True)
+    arch = ModelSection(name="mobilenetv3_small_050", img_size=32, cifar_stem=True)
     torch.manual_seed(0)
     save_file(create_backbone(arch).state_dict(), str(tmp_path / "encoder.safetensors"))
     (tmp_path / "encoder.json").write_text(

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.backbones import create_backbone
-from train.config import ModelConfig
+from train.config import ModelSection
 
 TINY_VIT = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8}
 
@@ -38,7 +38,7 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An encoder.safetensors + encoder.json of a tiny ViT, as train.export_encoder writes."""
     out = tmp_path_factory.mktemp("export")
     torch.manual_seed(123)
-    model = create_backbone(ModelConfig(**TINY_VIT))
+    model = create_backbone(ModelSection(**TINY_VIT))
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "encoder.safetensors")
     )

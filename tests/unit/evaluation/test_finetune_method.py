@@ -8,7 +8,7 @@ import torch
 from models.methods.base import StepContext
 from models.methods.finetune import Finetune, FinetuneConfig, build_finetune
 from tests.unit.evaluation.conftest import TINY_VIT
-from train.config import ConfigError, ModelConfig, build_dataclass
+from train.config import ConfigError, ModelSection, build_dataclass
 
 
 def mae_lrd_scale(name: str, num_layers: int, decay: float) -> float:
@@ -24,7 +24,7 @@ def mae_lrd_scale(name: str, num_layers: int, decay: float) -> float:
 
 def _method(**kw: object) -> Finetune:
     cfg = FinetuneConfig(num_classes=10, **kw)  # type: ignore[arg-type]
-    return build_finetune(cfg, ModelConfig(**TINY_VIT))  # type: ignore[arg-type]
+    return build_finetune(cfg, ModelSection(**TINY_VIT))  # type: ignore[arg-type]
 
 
 def test_layer_decay_matches_mae() -> None:

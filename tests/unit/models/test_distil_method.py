@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from models.backbones import create_backbone
 from models.distill_losses import feature_loss, logit_loss, patch_loss, relational_loss
 from models.methods.distil import (
     CACHE_FEATURES,
@@ -20,12 +21,12 @@ from models.methods.distil import (
     TeacherCache,
     build_distil,
 )
-from models.students import STUDENTS, apply_cifar_stem, create_student, student_shape
+from models.students import STUDENTS, apply_cifar_stem, student_shape
 from models.vit import create_vit
-from train.config import ConfigError, ModelConfig, config_from_dict
+from train.config import ConfigError, ModelSection, config_from_dict
 from train.weights import load_teacher, method_weights
 
-STUDENT = ModelConfig(name="mobilenetv3_small_100", img_size=32, patch_size=8, cifar_stem=True)
+STUDENT = ModelSection(name="mobilenetv3_small_100", img_size=32, patch_size=8, cifar_stem=True)
 TEACHER_ARCH = {"img_size": 32, "patch_size": 8, "num_classes": 0}
 
 
@@ -82,6 +83,13 @@ def test_mobilenetv3_cifar_stem_keeps_a_2x2_map_and_the_plain_stem_is_refused() 
         create_student("mobilenetv3_large_100", img_size=32)
     with pytest.raises(ValueError, match="must be a CNN"):
         create_student("vit_tiny_patch16_224", img_size=32)
+    with pytest.raises(ValueError, match="must be a CNN"):
+        create_student("deit_tiny_patch16_224", img_size=32)  # a ViT by timm's registry
+
+
+def create_student(name: str, img_size: int, cifar_stem: bool = False) -> torch.nn.Module:
+    spec = ModelSection(name=name, img_size=img_size, cifar_stem=cifar_stem)
+    return create_backbone(spec, "student")
 
 
 def _method(teacher: Path, **kw: object) -> torch.nn.Module:

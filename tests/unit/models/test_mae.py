@@ -1,6 +1,6 @@
 """MAE pieces against independent computations, and the loss against the reference MAE.
 
-``RefMAE`` below transcribes the published reference implementation
+``ReferenceMAE`` below transcribes the published reference implementation
 (facebookresearch/mae, models_mae.py: numpy sin-cos table, random_masking,
 forward_encoder/decoder/loss, patchify with einsum) so that our implementation, which uses
 einops, gather on indices and timm's ViT, is checked against the original formulation.
@@ -13,8 +13,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from timm.models.vision_transformer import Block, PatchEmbed
-from torch import nn
 
 from models.methods.mae import (
     MAE,
@@ -27,36 +25,14 @@ from models.methods.mae import (
 )
 from models.pos_embed import sincos_2d
 from models.vit import create_vit, forward_tokens
-from train.config import ModelConfig
-
-
-# ---------------------------------------------------------------- reference (numpy) sin-cos
-def ref_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = np.arange(embed_dim // 2, dtype=np.float64)
-    omega /= embed_dim / 2.0
-    omega = 1.0 / 10000**omega
-    pos = pos.reshape(-1)
-    out = np.einsum("m,d->md", pos, omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
-def ref_2d(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.meshgrid(grid_w, grid_h)
-    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size, grid_size])
-    emb_h = ref_1d(embed_dim // 2, grid[0])
-    emb_w = ref_1d(embed_dim // 2, grid[1])
-    emb = np.concatenate([emb_h, emb_w], axis=1)
-    if cls_token:
-        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
-    return emb
+from train.config import ModelSection
+from train.mae_reference import ReferenceMAE, sincos_2d_reference
 
 
 @pytest.mark.parametrize("dim,grid", [(192, 8), (64, 4), (768, 14)])
 def test_sincos_matches_reference(dim: int, grid: int) -> None:
     ours = sincos_2d(dim, grid, cls_token=True).numpy()
-    np.testing.assert_allclose(ours, ref_2d(dim, grid, cls_token=True), atol=1e-6)
+    np.testing.assert_allclose(ours, sincos_2d_reference(dim, grid, cls_token=True), atol=1e-6)
 
 
 # ---------------------------------------------------------------- patchify
@@ -108,114 +84,7 @@ def test_masked_mse_against_loop() -> None:
 
 
 # ---------------------------------------------------------------- reference MAE
-class RefMAE(nn.Module):
-    """The reference MaskedAutoencoderViT, transcribed (no changes to the computation)."""
-
-    def __init__(
-        self,
-        img_size,
-        patch_size,
-        embed_dim,
-        depth,
-        num_heads,
-        decoder_embed_dim,
-        decoder_depth,
-        decoder_num_heads,
-        mlp_ratio=4.0,
-        norm_pix_loss=False,
-    ):
-        super().__init__()
-        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(
-            torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False
-        )
-        self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)]
-        )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(
-            torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
-        )
-        self.decoder_blocks = nn.ModuleList(
-            [
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True)
-                for _ in range(decoder_depth)
-            ]
-        )
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * 3, bias=True)
-        self.norm_pix_loss = norm_pix_loss
-        grid = int(num_patches**0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(ref_2d(embed_dim, grid, True)).float()[None])
-        self.decoder_pos_embed.data.copy_(
-            torch.from_numpy(ref_2d(decoder_embed_dim, grid, True)).float()[None]
-        )
-
-    def patchify(self, imgs):
-        p = self.patch_embed.patch_size[0]
-        h = w = imgs.shape[2] // p
-        x = imgs.reshape(shape=(imgs.shape[0], 3, h, p, w, p))
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(shape=(imgs.shape[0], h * w, p**2 * 3))
-
-    def random_masking(self, x, mask_ratio, noise):
-        N, L, D = x.shape
-        len_keep = int(L * (1 - mask_ratio))
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
-        mask = torch.ones([N, L], device=x.device)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, dim=1, index=ids_restore)
-        return x_masked, mask, ids_restore
-
-    def forward_encoder(self, x, mask_ratio, noise):
-        x = self.patch_embed(x)
-        x = x + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-        cls_token = self.cls_token + self.pos_embed[:, :1, :]
-        cls_tokens = cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat((cls_tokens, x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
-        return x, mask, ids_restore
-
-    def forward_decoder(self, x, ids_restore):
-        x = self.decoder_embed(x)
-        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], x_], dim=1)
-        x = x + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
-        x = self.decoder_pred(x)
-        return x[:, 1:, :]
-
-    def forward_loss(self, imgs, pred, mask):
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = (pred - target) ** 2
-        loss = loss.mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
-
-    def forward(self, imgs, mask_ratio, noise):
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
-
-
-def _copy_weights(ours: MAE, ref: RefMAE) -> None:
+def _copy_weights(ours: MAE, ref: ReferenceMAE) -> None:
     enc = ours.backbone
     ref_state = ref.state_dict()
     for name in list(ref_state):
@@ -235,7 +104,7 @@ def test_mae_loss_equals_reference(norm_pix: bool) -> None:
     )
     ours = MAE(cfg, create_vit("vit_tiny_patch16_224", img_size=32, patch_size=4))
     ours.backbone.blocks = ours.backbone.blocks[:2]
-    ref = RefMAE(32, 4, 192, 2, 3, 64, 2, 4, norm_pix_loss=norm_pix)
+    ref = ReferenceMAE(32, 4, 192, 2, 3, 64, 2, 4, norm_pix_loss=norm_pix)
     _copy_weights(ours, ref)
     ours.eval()
     ref.eval()
@@ -296,7 +165,7 @@ def test_initialisation_is_the_official_one_layer_by_layer() -> None:
     (uniform: sqrt(0.8 / (4n)) from its kurtosis 1.8); 5 of those."""
     torch.manual_seed(0)
     cfg = MAEConfig(decoder_dim=64, decoder_depth=2, decoder_heads=4)
-    method = build_mae(cfg, ModelConfig(name="vit_small_patch16_224", img_size=32, patch_size=4))
+    method = build_mae(cfg, ModelSection(name="vit_small_patch16_224", img_size=32, patch_size=4))
     checked = 0
     for name, m in method.named_modules():
         if isinstance(m, torch.nn.Linear):

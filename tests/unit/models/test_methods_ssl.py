@@ -19,10 +19,10 @@ from models.methods.mocov3 import MoCoV3Config, build_mocov3
 from models.methods.simclr import SimCLRConfig, build_simclr
 from models.methods.simsiam import SimSiamConfig, build_simsiam
 from models.registry import create_method
-from train.config import ConfigError, ModelConfig, config_from_dict
+from train.config import ConfigError, ModelSection, config_from_dict
 
-VIT = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8)
-RESNET = ModelConfig(name="resnet18", img_size=8, patch_size=4, cifar_stem=True)
+VIT = ModelSection(name="vit_tiny_patch16_224", img_size=32, patch_size=8)
+RESNET = ModelSection(name="resnet18", img_size=8, patch_size=4, cifar_stem=True)
 SMALL = {"proj_hidden_dim": 32, "proj_out_dim": 16}
 CONFIGS: dict[str, Any] = {
     "simclr": SimCLRConfig(**SMALL),
@@ -64,7 +64,7 @@ def _views(name: str, size: int, b: int = 4, dtype: torch.dtype = torch.float32)
     return views
 
 
-def _build(name: str, model_cfg: ModelConfig, **overrides: Any) -> Method:
+def _build(name: str, model_cfg: ModelSection, **overrides: Any) -> Method:
     torch.manual_seed(0)
     cfg = type(CONFIGS[name])(**{**vars(CONFIGS[name]), **overrides})
     return BUILDERS[name](cfg, model_cfg)
@@ -72,7 +72,7 @@ def _build(name: str, model_cfg: ModelConfig, **overrides: Any) -> Method:
 
 @pytest.mark.parametrize("model_cfg", [VIT, RESNET], ids=["vit", "resnet"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_forward_backward(name: str, model_cfg: ModelConfig) -> None:
+def test_forward_backward(name: str, model_cfg: ModelSection) -> None:
     method = _build(name, model_cfg)
     method.before_step(CTX)
     out = method({"views": _views(name, model_cfg.img_size)})

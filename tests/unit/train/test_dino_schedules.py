@@ -29,7 +29,7 @@ def test_teacher_temperature_is_dinos_per_epoch_linspace(warmup: int) -> None:
 
 def test_dino_method_holds_the_temperature_within_an_epoch() -> None:
     from models.registry import create_method
-    from train.config import ModelConfig
+    from train.config import ModelSection
 
     cfg = DINOConfig(
         out_dim=16,
@@ -39,7 +39,9 @@ def test_dino_method_holds_the_temperature_within_an_epoch() -> None:
         teacher_temp=0.07,
         warmup_teacher_temp_epochs=4,
     )
-    method = create_method(cfg, ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8))
+    method = create_method(
+        cfg, ModelSection(name="vit_tiny_patch16_224", img_size=32, patch_size=8)
+    )
     official = np.linspace(0.04, 0.07, 4)
     for step in range(0, 50):
         method.before_step(StepContext(step, 50, steps_per_epoch=10))

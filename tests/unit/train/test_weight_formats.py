@@ -185,7 +185,7 @@ def test_resolver_takes_official_checkpoints_for_init_teacher_and_evaluation(
 ) -> None:
     """``method.init=``/``method.teacher=``/``encoder.checkpoint=`` go through
     ``train.weights.resolve_weights``, which hands unknown files to these converters."""
-    from train.config import ModelConfig
+    from train.config import ModelSection
     from train.weights import resolve_weights
 
     torch.manual_seed(5)
@@ -197,7 +197,7 @@ def test_resolver_takes_official_checkpoints_for_init_teacher_and_evaluation(
     assert weights.kind == "mae" and weights.arch.name == "vit_tiny_patch16_224"
     assert (weights.arch.img_size, weights.arch.patch_size) == (32, 8)
     assert torch.equal(features(weights.build().eval()), features(source))
-    wrong = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4)
+    wrong = ModelSection(name="vit_tiny_patch16_224", img_size=32, patch_size=4)
     with pytest.raises(ValueError, match="patch_size"):
         resolve_weights(tmp_path / "mae.pth", expect=wrong)
 

@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 
 from models.backbones import create_backbone
 from train.checkpoint import load_weights_only
-from train.config import ModelConfig
+from train.config import ModelSection
 from train.weights import method_weights, resolve_weights
 
-ARCH = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8)
+ARCH = ModelSection(name="vit_tiny_patch16_224", img_size=32, patch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_plain_state_dict_takes_the_callers_architecture(
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(ValueError, match="plain state dict: its architecture comes from model"):
         resolve_weights(path)
-    other = ModelConfig(name=ARCH.name, img_size=32, patch_size=4)
+    other = ModelSection(name=ARCH.name, img_size=32, patch_size=4)
     with pytest.raises(ValueError, match="does not match the architecture") as e:
         resolve_weights(path, expect=other).build()
     assert "\n" not in str(e.value)

@@ -10,8 +10,8 @@ import torch
 from timm.optim import Lars
 from torch import nn
 
+from train.lars import LARS
 from train.optim import build_optimizer
-from train.optimizers import LARS
 
 
 def _params() -> tuple[nn.Parameter, nn.Parameter]:
@@ -81,7 +81,7 @@ def test_lamb_two_steps_by_hand() -> None:
 
 
 def test_timm_lars_is_not_the_ssl_papers_lars() -> None:
-    """Why train/optimizers.py keeps its own LARS (see its docstring)."""
+    """Why train/lars.py keeps its own LARS (see its docstring)."""
     eta, wd = 0.001, 0.01
     # 1. with weight decay, on a gradient not parallel to the weight: the ratio's denominator
     w = nn.Parameter(torch.tensor([[3.0, 4.0]]))

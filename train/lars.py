@@ -6,7 +6,7 @@ neither adapted nor decayed; a param group may also set ``"exclude": True`` to t
 its parameters that way.
 
 Why not ``timm.optim.Lars``: it follows You et al. (2017) instead, and the two differ in what
-our recipes use (tests/unit/models/test_optimizers.py shows both): its ratio divides by
+our recipes use (tests/unit/models/test_lars.py shows both): its ratio divides by
 ``|g| + wd * |w|`` (not ``|g + wd * w|``, SimCLR's ``lars_optimizer.py`` and MoCo v3's
 ``LARS``); it adapts only groups with a non-zero weight decay, so MAE's linear probe (LARS
 without weight decay, adapted weights) would become plain SGD; and it adapts biases and

@@ -1,4 +1,4 @@
-"""``python -m train.export COMMAND RECIPE [section.key=value ...]``: INT8 edge export.
+"""``python -m train.edge_export COMMAND RECIPE [section.key=value ...]``: INT8 edge export.
 
 Commands:
 
@@ -39,7 +39,7 @@ DESCRIPTION = """INT8 quantization and edge export, one of two commands:
 
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser(
-        "python -m train.export",
+        "python -m train.edge_export",
         DESCRIPTION,
         recipes_help("export", "pipeline")
         + "\n"
