@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(BIN)/ruff check train models data_pipelines slurm tests
 	$(BIN)/ruff format --check train models data_pipelines slurm tests
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix train models data_pipelines slurm tests

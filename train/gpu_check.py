@@ -51,6 +51,7 @@ class Sizes:
     vit_l: str
     batch: int
     steps: int
+    warmup: int
     peak_n: int
     offload_models: tuple[str, ...]
     data_images: int
@@ -65,6 +66,7 @@ GPU = Sizes(
     vit_l="vit_large_patch16_224",
     batch=128,
     steps=10,
+    warmup=3,
     peak_n=8192,
     offload_models=(
         "vit_giant_patch14_224",
@@ -80,9 +82,10 @@ DRY = Sizes(
     img_size=32,
     patch_size=8,
     vit_b="vit_tiny_patch16_224",
-    vit_l="vit_small_patch16_224",
+    vit_l="vit_tiny_patch16_224",
     batch=4,
     steps=2,
+    warmup=1,
     peak_n=256,
     offload_models=("vit_tiny_patch16_224",),
     data_images=16,
@@ -147,7 +150,7 @@ def _mae_rows(model: str, sizes: Sizes, peak: float) -> list[str]:
             )
             try:
                 step, fwd_flops = setup.project_step()
-                ips = time_steps(step, sizes.batch, sizes.steps, warmup=3)
+                ips = time_steps(step, sizes.batch, sizes.steps, warmup=sizes.warmup)
                 mfu = 3 * fwd_flops * ips / 1e12 / peak if peak else float("nan")
                 rows.append(f"| {compiled} | {ckpt} | {ips:.1f} | {100 * mfu:.1f}% |")
             except Exception as e:  # one failing configuration must not hide the others
@@ -231,7 +234,7 @@ def section_zero2_vs_zero0(sizes: Sizes, peak: float) -> list[str]:
             compile=False,
         )
         step, _ = setup.project_step()
-        ips = time_steps(step, sizes.batch, sizes.steps, warmup=3)
+        ips = time_steps(step, sizes.batch, sizes.steps, warmup=sizes.warmup)
         rows.append(f"| {zero} | {1e3 * sizes.batch / ips:.1f} | {ips:.1f} |")
         _free_memory()
     return rows
