@@ -77,6 +77,19 @@ class TrainingDiverged(RuntimeError):
     """Non-finite loss or gradient norm that rollbacks could not get past."""
 
 
+def skip_cpu_inference_op() -> None:
+    """Tell DeepSpeed not to JIT-compile its CPU shared-memory all-reduce op.
+
+    On the CPU, DeepSpeed's communication backend compiles ``deepspeed_shm_comm`` (C++, about
+    a minute on two cores, again for every new virtual-environment path) when it starts, but
+    only its inference all-reduce uses it; training reduces through the gloo process group
+    either way. ``deepspeed.ops.__compatible_ops__`` is the dict its builder consults (kept
+    in the module, so an edit persists), and an op marked incompatible is not built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Rank, world size and device, from torchrun's, deepspeed's or Slurm's environment."""
     import deepspeed
@@ -89,6 +102,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if env.source == "default" and not port_given:
         os.environ["MASTER_PORT"] = str(_free_port())  # a lone process needs no fixed port
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.cuda.is_available():
+        skip_cpu_inference_op()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT, verbose=False)
     if torch.cuda.is_available():

@@ -152,8 +152,8 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         "README_PY": sys.executable,
         "README_TEST": str(Path(__file__).resolve()),
         "OMP_NUM_THREADS": "2",
-        # DeepSpeed compiles its CPU shared-memory op for each new venv path (this copy's):
-        # once per session here, without waiting on other processes' builds of the shared cache
+        # any op DeepSpeed JIT-compiles for this copy's venv path is built here, without
+        # waiting on other processes' builds in the shared cache
         "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions"),
     }
     return copy, env
