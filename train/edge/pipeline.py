@@ -16,6 +16,7 @@ each stage's ``metrics.jsonl``, accuracy at each stage, latency and size of each
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ from typing import Any
 
 from train.cli import EXIT_OK, EXIT_REQUEUE, EXIT_STAGE, EXIT_USAGE, EXIT_VERIFY
 from train.config import ConfigError, build_dataclass, load_raw, resolve_recipe_path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,32 +113,32 @@ class _Chain:
     def command(self, name: str, module: str, args: list[str]) -> bool:
         """Run ``python -m module args`` into ``<root>/<name>.log``; True when it succeeded."""
         cmd = [sys.executable, "-m", module, *args]
-        log = self.root / f"{name}.log"
-        print(f"[pipeline] {name}: {' '.join(cmd)}", flush=True)
+        log_file = self.root / f"{name}.log"
+        log.info(f"[pipeline] {name}: {' '.join(cmd)}")
         t0 = time.time()
-        with open(log, "w") as f:
+        with open(log_file, "w") as f:
             code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
         seconds = time.time() - t0
-        print(f"[pipeline] {name}: exit {code} in {seconds:.0f} s (log: {log})", flush=True)
-        why = _last_line(log) if code else ""
-        self.results.append(StageResult(name, code, seconds, str(log), why))
+        log.info(f"[pipeline] {name}: exit {code} in {seconds:.0f} s (log: {log_file})")
+        why = _last_line(log_file) if code else ""
+        self.results.append(StageResult(name, code, seconds, str(log_file), why))
         return code == 0
 
     def export(self, name: str, ecfg: Any) -> dict[str, Any] | None:
         """The export of one model, in this process; None (and a logged traceback) on failure."""
         from train.edge.run import run_export
 
-        log = self.root / f"export_{name}.log"
+        log_file = self.root / f"export_{name}.log"
         t0 = time.time()
         try:
             report = run_export(ecfg)
         except Exception as e:  # recorded in the report: the chain reports every failure
-            log.write_text(traceback.format_exc())
+            log_file.write_text(traceback.format_exc())
             why = f"{type(e).__name__}: {e}".splitlines()[0]
             code = EXIT_USAGE if isinstance(e, ValueError) else 1  # what the CLI would exit with
             seconds = time.time() - t0
-            self.results.append(StageResult(f"export {name}", code, seconds, str(log), why))
-            print(f"[pipeline] export {name} failed: {why} (traceback: {log})", flush=True)
+            self.results.append(StageResult(f"export {name}", code, seconds, str(log_file), why))
+            log.info(f"[pipeline] export {name} failed: {why} (traceback: {log_file})")
             return None
         code = 0 if report["passed"] else EXIT_VERIFY
         why = "" if report["passed"] else f"INT8 accuracy drop {report['drop']:.2f} points"
@@ -353,5 +356,5 @@ def write_report(
         lines += ["", "![latency and size](latency_size.png)", ""]
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    print(f"[pipeline] report: {path}", flush=True)
+    log.info(f"[pipeline] report: {path}")
     return path
