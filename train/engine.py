@@ -86,8 +86,25 @@ def build_engine(
         model=method, optimizer=optimizer, config=ds_config, dist_init_required=False
     )
     dtype = DTYPES[cfg.train.precision]
+    match_norm_buffers(method)
     method.teacher_to(device, dtype)
     return BuiltEngine(engine, ds_config, peak_lr, zero3, dtype)
+
+
+def match_norm_buffers(model: torch.nn.Module) -> None:
+    """Give batch-norm running statistics the dtype of their module's weight.
+
+    DeepSpeed's bf16/fp16 engine casts parameters but leaves buffers as they were (its
+    ``buffer_dtype`` would cast every buffer, DINO's float32 centre included), and the CPU
+    batch norm refuses bf16 weights with float32 running statistics ("expected scalar type
+    BFloat16 but found Float"): every CNN backbone (ResNet, the edge students) failed its
+    first step in bf16 on the CPU."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.weight is not None:
+            for name in ("running_mean", "running_var"):
+                buf = getattr(m, name)
+                if buf is not None and buf.dtype != m.weight.dtype:
+                    buf.data = buf.data.to(m.weight.dtype)
 
 
 def gathered_direct_params(method: Method, zero3: bool) -> Any:

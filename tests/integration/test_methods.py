@@ -139,3 +139,26 @@ def test_every_method_trains_on_two_processes_and_zero3_teacher_matches_zero0(
     assert teacher.keys() <= fresh.keys()
     moved = max(float((v.float() - fresh[k].float()).abs().max()) for k, v in teacher.items())
     assert moved > 1e-6
+
+
+def test_a_cnn_trains_in_bf16_at_zero0_on_one_process(tiny_shards: Path, tmp_path: Path) -> None:
+    """One process, ZeRO-0, bf16: DeepSpeed casts the parameters but not the batch-norm
+    running statistics, which the CPU batch norm refused ("expected scalar type BFloat16 but
+    found Float"); build_engine gives them the weights' dtype."""
+    run = {
+        "recipe": "simsiam_resnet18_cifar",
+        "overrides": [
+            *_common(tiny_shards),
+            *SMALL["simsiam"],
+            "train.zero=zero0",
+            "train.precision=bf16",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+    }
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([run]))
+    proc = spawn(1, [str(spec)], timeout=600, module="tests.integration.methods_probe")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in rows)

@@ -13,6 +13,7 @@
 # 25.5 -> 27.9), evaluated on its teacher; MAE at patch 4 without norm_pix_loss (pixel
 # targets keep colour, which k-NN on CIFAR uses), evaluated on mean-pooled tokens.
 # Usage (repository root): train/evidence/methods_cifar10.sh   [STEPS=300 METHODS="simclr byol"]
+# EXTRA="key=value ..." appends overrides to every run (e.g. EXTRA=train.precision=bf16).
 set -u
 PY=${PY:-.venv/bin/python}
 STEPS=${STEPS:-300}
@@ -37,7 +38,7 @@ for m in ${METHODS:-simclr mocov3 byol simsiam dino mae}; do
     *) echo "unknown method $m" >&2; exit 2;;
   esac
   start=$(date +%s)
-  $PY -m train.pretrain $R $COMMON $X train.output_dir=$OUT/$m > $OUT/$m.log 2>&1
+  $PY -m train.pretrain $R $COMMON $X ${EXTRA:-} train.output_dir=$OUT/$m > $OUT/$m.log 2>&1
   rc=$?
   echo "$m pretrain rc=$rc $(( $(date +%s) - start ))s" | tee -a $OUT/summary.txt
   [ $rc -eq 0 ] || continue
