@@ -59,10 +59,11 @@ def create_backbone(model_cfg: BackboneSpec, role: Role = "encoder") -> nn.Modul
     name = model_cfg.name
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    if role == "student" and is_vit_name(name):
+    vit = is_vit_name(name)
+    if role == "student" and vit:
         raise ValueError(f"model.name={name!r}: the student must be a CNN (e.g. {STUDENTS[0]})")
     every = model_cfg.grad_checkpointing_every if model_cfg.grad_checkpointing else 0
-    if is_vit_name(name):
+    if vit:
         return create_vit(
             name,
             img_size=model_cfg.img_size,
