@@ -62,14 +62,16 @@ RUN if [ "${BUILD_APEX}" = "1" ]; then \
 # The project itself (sources only: no .venv, runs or data from the build context),
 # installed in editable mode so that ds_configs/ and recipes are found beside the code.
 WORKDIR /opt/vitssl
-COPY pyproject.toml README.md Makefile ./
+COPY pyproject.toml README.md LICENSE Makefile ./
 COPY train ./train
 COPY models ./models
 COPY data_pipelines ./data_pipelines
 COPY ds_configs ./ds_configs
 COPY slurm ./slurm
+# vitssl/ holds links to the folders above: the one import name (see the README)
+COPY vitssl ./vitssl
 RUN pip install -e ".[eval,export]" \
-    && python -c "import train, models, data_pipelines, deepspeed, timm; print('import ok')"
+    && python -c "import vitssl.train, vitssl.models, vitssl.data_pipelines, deepspeed, timm; print('import ok')"
 
 # Run as an unprivileged user; enroot/pyxis and Apptainer run as the calling user anyway.
 RUN useradd --create-home --uid ${USER_UID} --shell /bin/bash ssl \
@@ -78,4 +80,4 @@ RUN useradd --create-home --uid ${USER_UID} --shell /bin/bash ssl \
 USER ssl
 WORKDIR /workspace
 
-CMD ["python", "-m", "train.pretrain", "--help"]
+CMD ["python", "-m", "vitssl.train.pretrain", "--help"]

@@ -1,9 +1,9 @@
 """Decode + augmentation throughput: our shards/loader vs a plain torchvision loader, like for like.
 
-    python -m data_pipelines.benchmark ../shared/data/imagenet-sample-500.tar --workers 2 \
+    python -m vitssl.data_pipelines.benchmark ../shared/data/imagenet-sample-500.tar --workers 2 \
         --repeat 4 --rounds 3
-    python -m data_pipelines.benchmark IMAGES.tar --resize-shorter 256   # resized-at-write
-    python -m data_pipelines.benchmark IMAGES.tar --device cuda --workers 8 --batch 128
+    python -m vitssl.data_pipelines.benchmark IMAGES.tar --resize-shorter 256   # resized-at-write
+    python -m vitssl.data_pipelines.benchmark IMAGES.tar --device cuda --workers 8 --batch 128
 
 **The baseline** is the loader a competent user writes: ``torchvision.datasets.ImageFolder``
 (PIL decode) with the classic ``torchvision.transforms`` on PIL images, in a ``DataLoader``
@@ -52,9 +52,14 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader
 from torchvision.datasets import ImageFolder
 
-from data_pipelines.loader import build_loader
-from data_pipelines.make_shards import SourceItem, encode_image, write_shards
-from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, build_transform
+from vitssl.data_pipelines.loader import build_loader
+from vitssl.data_pipelines.make_shards import SourceItem, encode_image, write_shards
+from vitssl.data_pipelines.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    blur_kernel_size,
+    build_transform,
+)
 
 BICUBIC = TV1.InterpolationMode.BICUBIC
 BASELINE_BATCH = 64
@@ -145,7 +150,7 @@ def _cpu_seconds() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.benchmark", description=__doc__.split("\n")[0]
+        prog="python -m vitssl.data_pipelines.benchmark", description=__doc__.split("\n")[0]
     )
     p.add_argument("images_tar", type=Path, help="tar of JPEG files (flat)")
     p.add_argument("--workers", type=int, default=2)
@@ -327,11 +332,11 @@ def sustained_mae(
     """(images/s, data-wait fraction) of MAE training fed from ``shards``: on CUDA the
     workers only read bytes and ``DeviceViews`` decodes with nvJPEG and augments on the GPU;
     on the CPU (dry runs) the workers decode to uint8 views. bf16 autocast, fused AdamW."""
-    from data_pipelines.device_augment import DeviceViews
-    from data_pipelines.transforms import model_input
-    from models.methods.mae import MAEConfig
-    from models.registry import create_method
-    from train.config import ModelSection
+    from vitssl.data_pipelines.device_augment import DeviceViews
+    from vitssl.data_pipelines.transforms import model_input
+    from vitssl.models.methods.mae import MAEConfig
+    from vitssl.models.registry import create_method
+    from vitssl.train.config import ModelSection
 
     cuda = device.type == "cuda"
     model_cfg = ModelSection(name=model, img_size=img_size, patch_size=patch_size)

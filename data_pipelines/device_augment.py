@@ -23,9 +23,9 @@ import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from data_pipelines.color_ops import ColorParams
-from data_pipelines.decode import CorruptSample, decode_pixels
-from data_pipelines.transforms import (
+from vitssl.data_pipelines.color_ops import ColorParams
+from vitssl.data_pipelines.decode import CorruptSample, decode_pixels
+from vitssl.data_pipelines.transforms import (
     BICUBIC,
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -4,7 +4,7 @@ The official ``util/datasets.py build_transform(is_train=True)`` (which also pas
 ``color_jitter=None``: timm ignores colour jitter under RandAugment): RandomResizedCrop
 (0.08-1, bicubic), horizontal flip, RandAugment ``rand-m9-mstd0.5-inc1`` (2 ops, magnitude 9,
 magnitude noise 0.5), ImageNet normalisation and random erasing (p = 0.25, per-pixel noise).
-Mixup / CutMix / label smoothing act on the batch in ``models.methods.finetune``.
+Mixup / CutMix / label smoothing act on the batch in ``vitssl.models.methods.finetune``.
 
 The views leave as float32 (random erasing writes normal noise into normalised pixels, so
 they cannot travel as uint8). RandAugment draws its ops with ``np.random``, which the
@@ -21,7 +21,7 @@ from PIL import Image
 from timm.data import create_transform
 from torch import Tensor
 
-from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vitssl.data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 RANDOM_ERASING = 0.25

@@ -1,7 +1,7 @@
 """Deterministic reading of every labelled sample, for evaluation (no shuffling, no dropping).
 
 :class:`OrderedBatches` is the one walker over a source's samples in order; the teacher
-cache (train.cache_teacher) uses it too, unlabelled and with unreadable samples blanked.
+cache (vitssl.train.cache_teacher) uses it too, unlabelled and with unreadable samples blanked.
 
 A source is labelled WebDataset shards (brace pattern or comma list; keys ``jpg``/``png`` and
 ``cls``) or an ImageFolder directory (class sub-folders, sorted names -> labels). Samples are
@@ -28,11 +28,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.decode import CorruptSample, decode_pixels
-from data_pipelines.make_shards import is_image
-from data_pipelines.shard_index import expand_shards, read_index
-from data_pipelines.tar_samples import read_samples
-from data_pipelines.transforms import build_transform
+from vitssl.data_pipelines.decode import CorruptSample, decode_pixels
+from vitssl.data_pipelines.make_shards import is_image
+from vitssl.data_pipelines.shard_index import expand_shards, read_index
+from vitssl.data_pipelines.tar_samples import read_samples
+from vitssl.data_pipelines.transforms import build_transform
 
 NO_LABELS = "data has no labels"
 

@@ -47,9 +47,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.decode import CorruptSample, decode_image, jpeg_or_pixels
-from data_pipelines.shard_index import ShardIndex, expand_shards, read_index
-from data_pipelines.slots import (
+from vitssl.data_pipelines.decode import CorruptSample, decode_image, jpeg_or_pixels
+from vitssl.data_pipelines.shard_index import ShardIndex, expand_shards, read_index
+from vitssl.data_pipelines.slots import (
     Segment,
     buffer_shuffle,
     mix_seed,
@@ -57,7 +57,7 @@ from data_pipelines.slots import (
     shard_order,
     slot_segments,
 )
-from data_pipelines.tar_samples import RawSample, read_samples
+from vitssl.data_pipelines.tar_samples import RawSample, read_samples
 
 __all__ = [
     "ShardLoader",

@@ -1,9 +1,9 @@
 """Write images into WebDataset shards with a JSON index, and verify shards.
 
-    python -m data_pipelines.make_shards INPUT --out OUTDIR --prefix train \\
+    python -m vitssl.data_pipelines.make_shards INPUT --out OUTDIR --prefix train \\
         [--max-samples 1000] [--max-bytes 500MB] [--resize-shorter 256 --jpeg-quality 90] \\
         [--workers N] [--shuffle-seed S | --no-shuffle] [--verify]
-    python -m data_pipelines.make_shards --verify-only OUTDIR
+    python -m vitssl.data_pipelines.make_shards --verify-only OUTDIR
 
 INPUT: an ImageFolder (class sub-folders, names sorted -> labels), a flat folder of images
 (no labels), a CSV/TSV list (``path[,label]``, label an int or a class name; paths relative
@@ -39,12 +39,17 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines.decode import CorruptSample, decode_image
-from data_pipelines.shard_index import INDEX_NAME, WIDS_INDEX_NAME, load_index_json, wids_index
-from data_pipelines.tar_samples import read_samples
+from vitssl.data_pipelines.decode import CorruptSample, decode_image
+from vitssl.data_pipelines.shard_index import (
+    INDEX_NAME,
+    WIDS_INDEX_NAME,
+    load_index_json,
+    wids_index,
+)
+from vitssl.data_pipelines.tar_samples import read_samples
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CREATED_BY = "data_pipelines.make_shards"
+CREATED_BY = "vitssl.data_pipelines.make_shards"
 TAR_BLOCK = 512
 
 
@@ -445,7 +450,7 @@ def parse_bytes(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.make_shards", description=__doc__.split("\n")[0]
+        prog="python -m vitssl.data_pipelines.make_shards", description=__doc__.split("\n")[0]
     )
     p.add_argument("input", nargs="?", type=Path, help="folder, CSV/TSV list or tar(.gz) of images")
     p.add_argument("--out", type=Path, help="output folder for shards and index.json")

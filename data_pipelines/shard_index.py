@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 
 from braceexpand import braceexpand
 
-from data_pipelines import shard_source
-from data_pipelines.tar_samples import count_samples
+from vitssl.data_pipelines import shard_source
+from vitssl.data_pipelines.tar_samples import count_samples
 
 INDEX_NAME = "index.json"
 """The project's own index (read for shards written before the wids index existed)."""

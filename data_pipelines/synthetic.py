@@ -6,7 +6,8 @@ over a random noise or gradient background, drawn at 4x and downsampled (antiali
 Every image depends only on (seed, split, class, index): the same seed gives byte-identical
 shards for any number of workers.
 
-    python -m data_pipelines.synthetic --out data/default [--img-size 32 --train-per-class 200]
+    python -m vitssl.data_pipelines.synthetic --out data/default \
+        [--img-size 32 --train-per-class 200]
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_pipelines.make_shards import SourceItem, write_shards
-from data_pipelines.shard_index import INDEX_NAME
+from vitssl.data_pipelines.make_shards import SourceItem, write_shards
+from vitssl.data_pipelines.shard_index import INDEX_NAME
 
 CLASSES = (
     "circle",
@@ -224,7 +225,7 @@ def is_up_to_date(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.synthetic", description=__doc__.split("\n")[0]
+        prog="python -m vitssl.data_pipelines.synthetic", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (train/ and val/ inside)")
     p.add_argument("--img-size", type=int, default=32)

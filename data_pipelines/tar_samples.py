@@ -21,7 +21,7 @@ from typing import IO
 
 from webdataset.tariterators import base_plus_ext
 
-from data_pipelines.shard_source import open_stream
+from vitssl.data_pipelines.shard_source import open_stream
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 

@@ -42,8 +42,8 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torch import Tensor
 
-from data_pipelines.color_ops import ColorAugment, ColorParams
-from data_pipelines.decode import covering_reduction, decode_pixels, jpeg_size
+from vitssl.data_pipelines.color_ops import ColorAugment, ColorParams
+from vitssl.data_pipelines.decode import covering_reduction, decode_pixels, jpeg_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -324,7 +324,7 @@ def build_transform(
         raise ValueError(f"local crops are only used by the dino preset, not {name!r}")
     kernel = blur_kernel_size(img_size)
     if name == "finetune":  # MAE's fine-tuning: timm's RandAugment + random erasing
-        from data_pipelines.finetune_transform import FinetuneTransform
+        from vitssl.data_pipelines.finetune_transform import FinetuneTransform
 
         return FinetuneTransform(img_size)  # type: ignore[return-value]
     if name == "mae":

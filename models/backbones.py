@@ -21,8 +21,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.students import STUDENTS, apply_cifar_stem, check_student
-from models.vit import create_vit, forward_tokens, pool_tokens
+from vitssl.models.students import STUDENTS, apply_cifar_stem, check_student
+from vitssl.models.vit import create_vit, forward_tokens, pool_tokens
 
 Role = Literal["encoder", "student"]
 ROLES: tuple[Role, ...] = ("encoder", "student")

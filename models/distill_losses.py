@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.distributed import gather_no_grad
+from vitssl.models.distributed import gather_no_grad
 
 FEATURE_LOSSES = ("cosine", "smooth_l1")
 PATCH_LOSSES = ("cosine", "mse")

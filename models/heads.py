@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.distributed import all_reduce_sum_with_grad, world_size
+from vitssl.models.distributed import all_reduce_sum_with_grad, world_size
 
 
 def projection_mlp(

@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.distributed import all_reduce_, gather_no_grad, gather_with_grad, rank, world_size
+from vitssl.models.distributed import (
+    all_reduce_,
+    gather_no_grad,
+    gather_with_grad,
+    rank,
+    world_size,
+)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

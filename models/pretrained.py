@@ -1,8 +1,8 @@
 """Pretrained backbone weights as plain values, handed to methods by the entry points.
 
-Methods never read files: ``train.weights`` resolves what a user names (run directory,
+Methods never read files: ``vitssl.train.weights`` resolves what a user names (run directory,
 checkpoint, export, state-dict file) into :class:`PretrainedWeights`, and
-``models.registry.create_method`` passes them to the methods that declare weight fields
+``vitssl.models.registry.create_method`` passes them to the methods that declare weight fields
 (``method.init``, ``method.teacher``).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.backbones import create_backbone
+from vitssl.models.backbones import create_backbone
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:

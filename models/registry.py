@@ -1,10 +1,10 @@
 """Explicit registries: method name -> (config dataclass, builder).
 
 Each method module registers itself with ``@register_method("name", ConfigClass)``;
-``models.methods`` imports every method module so that the registry is complete.
+``vitssl.models.methods`` imports every method module so that the registry is complete.
 
 :class:`MethodConfig` is the base of every method's config. It lives here, beside the
-registry and outside ``models.methods``, so that the run config (``train.config``) can type
+registry and outside ``models.methods``, so that the run config (``train/config.py``) can type
 its ``method`` table without importing any method (nor torch). Configs check themselves in
 ``__post_init__`` and raise ``ValueError`` with a one-line message naming the key; the
 config loader turns that into its ``config error: ...`` line.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # models.methods imports this module to register itself
-    from models.methods.base import Method
+    from vitssl.models.methods.base import Method
 
 
 @dataclass
@@ -32,7 +32,7 @@ class MethodConfig:
     extra state) that ``export_teacher`` can export."""
     weight_fields: ClassVar[dict[str, bool]] = {}
     """Fields that name pretrained weights -> whether those must fit ``model``. The entry
-    points resolve them (``train.weights.method_weights``) and ``create_method`` hands the
+    points resolve them (``vitssl.train.weights.method_weights``) and ``create_method`` hands the
     method the result, so that methods never read files."""
 
     name: str = "mae"
@@ -71,7 +71,7 @@ def register_method(
 
 
 def _entry(name: str) -> tuple[type[MethodConfig], MethodBuilder]:
-    import models.methods  # noqa: F401  (fills the registry)
+    import vitssl.models.methods  # noqa: F401  (fills the registry)
 
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(_METHODS)}")
@@ -94,6 +94,6 @@ def create_method(
         if getattr(method_cfg, field) and field not in given:
             raise ValueError(
                 f"method.{field}={getattr(method_cfg, field)!r} was not resolved: pass "
-                "train.weights.method_weights(method_cfg, model_cfg) to create_method"
+                "vitssl.train.weights.method_weights(method_cfg, model_cfg) to create_method"
             )
     return builder(method_cfg, model_cfg, given) if fields else builder(method_cfg, model_cfg)

@@ -2,7 +2,7 @@
 
 Each is opt-in from the config. Attention already goes through
 ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPUs) and the fused
-AdamW is chosen in ``train.optim``; selective activation checkpointing lives in models.vit.
+AdamW is chosen in ``vitssl.train.optim``; selective activation checkpointing lives in models.vit.
 """
 
 from __future__ import annotations

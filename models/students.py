@@ -1,6 +1,6 @@
 """Edge students: any timm CNN, built for export, with an optional CIFAR stem.
 
-* ``models.backbones.create_backbone(cfg, "student")`` builds
+* ``vitssl.models.backbones.create_backbone(cfg, "student")`` builds
   ``timm.create_model(name, num_classes=0, exportable=True)`` (timm then picks static padding
   and plain activations, ops that ONNX/INT8 export handles) and :func:`check_student` checks
   that its last feature map is at least 2x2 at the training resolution.

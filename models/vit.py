@@ -23,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.pos_embed import sincos_2d
+from vitssl.models.pos_embed import sincos_2d
 
 
 class MaskedViT(VisionTransformer):

@@ -1,1 +1,1 @@
-"""sbatch templates and the submit helper (``python -m slurm.submit``)."""
+"""sbatch templates and the submit helper (``python -m vitssl.slurm.submit``)."""

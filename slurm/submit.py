@@ -1,6 +1,6 @@
 """Fill an sbatch template's ``#SBATCH`` lines from flags, then submit it (or print it).
 
-    python -m slurm.submit --template pretrain_single_node --nodes 1 --gpus-per-node 8 \\
+    python -m vitssl.slurm.submit --template pretrain_single_node --nodes 1 --gpus-per-node 8 \\
         --time 24:00:00 --partition p --account a [--dry-run] -- RECIPE [overrides ...]
 
 Only the options given on the command line change; the template's other lines stay as
@@ -162,10 +162,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         cut = argv.index("--")
         argv, script_args = argv[:cut], argv[cut + 1 :]
     p = argparse.ArgumentParser(
-        prog="python -m slurm.submit",
+        prog="python -m vitssl.slurm.submit",
         description="Fill a slurm/ template's #SBATCH lines and submit it with sbatch.",
         epilog="Arguments after -- (a recipe and overrides) are passed to the script: list the"
-        " recipes with python -m train.recipes.",
+        " recipes with python -m vitssl.train.recipes.",
     )
     p.add_argument("--template", required=True, help=f"one of {', '.join(TEMPLATES)}, or a path")
     p.add_argument("--job-name", help="--job-name (names the log file)")
@@ -244,7 +244,7 @@ def submitit_options(args: argparse.Namespace) -> dict[str, object]:
 
 def submit_with_submitit(args: argparse.Namespace, log_dir: Path) -> int:
     try:
-        from slurm.submitit_launcher import submit
+        from vitssl.slurm.submitit_launcher import submit
     except ImportError:
         raise ValueError(
             "--launcher submitit needs submitit: pip install 'vitssl[submitit]'"

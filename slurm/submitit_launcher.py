@@ -1,9 +1,10 @@
 """Launch a stage with submitit, with the sbatch templates' preemption and requeue behaviour.
 
-``python -m slurm.submit --launcher submitit --template pretrain_single_node ... -- RECIPE ...``
+``python -m vitssl.slurm.submit --launcher submitit --template pretrain_single_node ...
+-- RECIPE ...``
 
 submitit submits one job whose tasks (one per GPU) each run :class:`TrainingTask`. A task
-runs the stage as a child process (``python -m train.pretrain RECIPE ...``), which finds its
+runs the stage as a child process (``python -m vitssl.train.pretrain RECIPE ...``), which finds its
 rank from the srun step's variables as under the templates. Signals, as in slurm/common.sh:
 
 - near the time limit Slurm sends submitit's signal (USR2, ``--signal=USR2@T``): the task
@@ -36,10 +37,10 @@ EXIT_REQUEUE = 75
 code (the job may run in another checkout, found through --chdir)."""
 
 MODULES = {
-    "pretrain_single_node": "train.pretrain",
-    "pretrain_multi_node": "train.pretrain",
-    "distil": "train.distil",
-    "export": "train.edge_export",
+    "pretrain_single_node": "vitssl.train.pretrain",
+    "pretrain_multi_node": "vitssl.train.pretrain",
+    "distil": "vitssl.train.distil",
+    "export": "vitssl.train.edge_export",
 }
 """The stage each sbatch template runs (eval_array's sweeps stay with sbatch)."""
 

@@ -1,18 +1,18 @@
 """MAE training images/s against the official MAE code, and model-FLOPs utilisation (MFU).
 
-    python -m train.benchmark                       # ViT-tiny, 32 px, patch 4, decoder 128x4,
+    python -m vitssl.train.benchmark                # ViT-tiny, 32 px, patch 4, decoder 128x4,
                                                     # batch 128, bf16: project vs reference
-    python -m train.benchmark --model vit_base_patch16_224 --img-size 224 --patch-size 16 \\
+    python -m vitssl.train.benchmark --model vit_base_patch16_224 --img-size 224 --patch-size 16 \\
         --decoder-dim 512 --decoder-depth 8 --decoder-heads 16 --batch 64 --no-reference
 
 Both sides train MAE on the same in-memory images (the data path has its own benchmark,
-``python -m data_pipelines.benchmark``), in the same process, alternately, ``--rounds``
+``python -m vitssl.data_pipelines.benchmark``), in the same process, alternately, ``--rounds``
 times (the table gives each round and the median of the per-round ratios):
 
 * **reference**: the official MAE model code transcribed eagerly (``train.mae_reference``),
   the same configuration, bf16 autocast and ``torch.optim.AdamW`` with the same decay
   groups, no DeepSpeed: what ``main_pretrain.py`` of facebookresearch/mae runs.
-* **project**: what ``python -m train.pretrain`` runs: the method from the registry, the
+* **project**: what ``python -m vitssl.train.pretrain`` runs: the method from the registry, the
   config's speed switches (``train.compile`` as the recipe sets it, or ``--compile on|off``)
   and the DeepSpeed engine of
   :func:`build_engine` with the config's precision and ZeRO preset.
@@ -37,9 +37,9 @@ from datetime import date
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from models.flops import mae_forward_flops
-from models.registry import create_method
-from train.config import RunConfig, load_config
+from vitssl.models.flops import mae_forward_flops
+from vitssl.models.registry import create_method
+from vitssl.train.config import RunConfig, load_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 Step = Callable[[], None]
@@ -81,7 +81,7 @@ class MAESetup:
     precision: str = "bf16"
     zero: str = "zero0"
     compile: bool | None = None
-    """``train.compile``; None: the recipe's value (what ``train.pretrain`` does)."""
+    """``train.compile``; None: the recipe's value (what ``vitssl.train.pretrain`` does)."""
     grad_checkpointing: bool = False
 
     def config(self) -> RunConfig:
@@ -108,8 +108,8 @@ class MAESetup:
 
     def project_step(self) -> tuple[Step, int]:
         """One optimizer step of the project's path, and the model's forward FLOPs per image."""
-        from train.engine import build_engine
-        from train.trainer import init_distributed
+        from vitssl.train.engine import build_engine
+        from vitssl.train.trainer import init_distributed
 
         _, world, device = init_distributed()
         cfg = self.config()
@@ -138,7 +138,7 @@ class MAESetup:
 
     def reference_step(self) -> Step:
         """One eager step of the official MAE code with the same sizes and optimizer."""
-        from train.mae_reference import ReferenceMAE
+        from vitssl.train.mae_reference import ReferenceMAE
 
         device = _device()
         cfg = self.config()
@@ -248,7 +248,7 @@ def report(setup: MAESetup, runs: dict[str, list], peak: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m train.benchmark", description=__doc__.split("\n")[0]
+        prog="python -m vitssl.train.benchmark", description=__doc__.split("\n")[0]
     )
     d = MAESetup()
     p.add_argument("--model", default=d.model)

@@ -1,4 +1,4 @@
-"""``python -m train.cache_teacher RECIPE [section.key=value ...]``: cache teacher embeddings.
+"""``python -m vitssl.train.cache_teacher RECIPE [key=value ...]``: cache teacher embeddings.
 
 For a distillation recipe (``method.name = "distil"``), runs the frozen teacher
 (``method.teacher``) once over every sample of ``data.train_shards`` on the deterministic
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from train.cli import (
+from vitssl.train.cli import (
     EXIT_OK,
     EXIT_USAGE,
     exit_codes_help,
@@ -34,20 +34,20 @@ from train.cli import (
     setup_logging,
     user_error,
 )
-from train.config import ConfigError, RunConfig, load_config
-from train.recipes import recipes_help
+from vitssl.train.config import ConfigError, RunConfig, load_config
+from vitssl.train.recipes import recipes_help
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def cache_teacher(cfg: RunConfig, batch_size: int, num_workers: int, dtype: str) -> Path:
     """Write the cache of ``cfg.method`` (see the module docstring); collective over ranks."""
-    from data_pipelines.labelled import OrderedBatches, open_source, rank_range
-    from models import distributed
-    from models.methods.distil import CACHE_FEATURES, CACHE_LOGITS, CACHE_META
-    from train.evaluation.features import gather_ordered
-    from train.evaluation.protocols import init_eval_distributed
-    from train.weights import load_teacher
+    from vitssl.data_pipelines.labelled import OrderedBatches, open_source, rank_range
+    from vitssl.models import distributed
+    from vitssl.models.methods.distil import CACHE_FEATURES, CACHE_LOGITS, CACHE_META
+    from vitssl.train.evaluation.features import gather_ordered
+    from vitssl.train.evaluation.protocols import init_eval_distributed
+    from vitssl.train.weights import load_teacher
 
     method = cfg.method
     device = init_eval_distributed()
@@ -111,7 +111,7 @@ def cache_teacher(cfg: RunConfig, batch_size: int, num_workers: int, dtype: str)
 
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser(
-        "python -m train.cache_teacher",
+        "python -m vitssl.train.cache_teacher",
         "Cache a distillation teacher's embeddings once (method.cache: the output folder,\n"
         "beside the shards), for cheap repeated student runs of the same distil recipe.",
         recipes_help("distil") + "\n" + exit_codes_help(EXIT_OK, EXIT_USAGE),
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     args = parser.parse_intermixed_args(argv)
     setup_logging()
-    import models.methods.distil  # noqa: F401  (registers the distil method)
+    import vitssl.models.methods.distil  # noqa: F401  (registers the distil method)
 
     try:
         cfg = load_config(args.recipe, args.overrides)

@@ -12,10 +12,10 @@ import logging
 import sys
 from typing import Any
 
-from models.distributed import rank
-from train.config import ConfigError
+from vitssl.models.distributed import rank
+from vitssl.train.config import ConfigError
 
-OUR_PACKAGES = ("train", "models", "data_pipelines")
+OUR_PACKAGES = ("vitssl",)
 """Loggers whose progress messages (INFO) :func:`setup_logging` shows."""
 EXIT_OK = 0
 """Done."""

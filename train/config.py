@@ -17,7 +17,7 @@ from typing import Any, get_type_hints
 
 import tomllib
 
-from models.registry import MethodConfig, method_config_class
+from vitssl.models.registry import MethodConfig, method_config_class
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 PRECISIONS = ("bf16", "fp16", "fp32")

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from train.cli import EXIT_OK, EXIT_REQUEUE, EXIT_USAGE, exit_codes_help, user_error
-from train.config import load_config
+from vitssl.train.cli import EXIT_OK, EXIT_REQUEUE, EXIT_USAGE, exit_codes_help, user_error
+from vitssl.train.config import load_config
 
 DATA = Path("data/default")
 
@@ -28,7 +28,7 @@ def cpu_has_native_bf16() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.demo",
+        prog="python -m vitssl.train.demo",
         description=(
             "The demo: writes the embedded default data set to data/default/ when missing, then\n"
             "pretrains the mae_vit_tiny_demo recipe (ViT-tiny MAE, 32 px) in this process and\n"
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(parser.parse_args(argv).overrides)
     import torch
 
-    from data_pipelines.synthetic import write_default_dataset
+    from vitssl.data_pipelines.synthetic import write_default_dataset
 
     if not (DATA / "train" / "index.json").is_file():
         write_default_dataset(DATA)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config("mae_vit_tiny_demo", overrides)
     except ValueError as e:  # ConfigError included
         return user_error(e)
-    from train.trainer import run
+    from vitssl.train.trainer import run
 
     t0 = time.time()
     code = run(cfg)

@@ -1,6 +1,6 @@
-"""``python -m train.distil RECIPE [section.key=value ...]``: distil a teacher into a student.
+"""``python -m vitssl.train.distil RECIPE [key=value ...]``: distil a teacher into a student.
 
-The same trainer as ``train.pretrain`` (``train.trainer.run``) with a ``distil_*`` recipe;
+The same trainer as ``vitssl.train.pretrain`` (``train.trainer.run``) with a ``distil_*`` recipe;
 this entry point only registers the method, refuses other methods and checks that a
 ``method.cache`` matches the shards. Launch it as is, or under ``torchrun``, ``deepspeed``
 or ``srun`` (slurm/distil.sbatch). Exit codes as train.pretrain: 0, 2, 75.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from train.cli import (
+from vitssl.train.cli import (
     EXIT_OK,
     EXIT_REQUEUE,
     EXIT_USAGE,
@@ -21,8 +21,8 @@ from train.cli import (
     stdout_for,
     user_error,
 )
-from train.config import ConfigError, RunConfig, load_config
-from train.recipes import recipes_help
+from vitssl.train.config import ConfigError, RunConfig, load_config
+from vitssl.train.recipes import recipes_help
 
 DESCRIPTION = (
     "Distil a frozen pretrained teacher (method.teacher: a run directory or an exported\n"
@@ -37,8 +37,8 @@ def check_distil(cfg: RunConfig) -> None:
         raise ConfigError(f"method.name={cfg.method.name!r}: train.distil runs distil recipes")
     cache = cfg.method.cache  # type: ignore[attr-defined]
     if cache:
-        from data_pipelines.shard_index import expand_shards, read_index
-        from models.methods.distil import check_cache
+        from vitssl.data_pipelines.shard_index import expand_shards, read_index
+        from vitssl.models.methods.distil import check_cache
 
         index = read_index(expand_shards(cfg.data.train_shards), cfg.data.index or None)
         check_cache(
@@ -52,18 +52,18 @@ def check_distil(cfg: RunConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser(
-        "python -m train.distil",
+        "python -m vitssl.train.distil",
         DESCRIPTION,
         recipes_help("distil") + "\n" + exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_REQUEUE),
     )
     args = parser.parse_intermixed_args(argv)
     setup_logging()
-    import models.methods.distil  # noqa: F401  (registers the distil method)
+    import vitssl.models.methods.distil  # noqa: F401  (registers the distil method)
 
     try:
         with stdout_for(args.print_config):
             cfg = load_config(args.recipe, args.overrides)
-            from train.ds_config import build_ds_config
+            from vitssl.train.ds_config import build_ds_config
 
             build_ds_config(cfg, world_size=1)
             check_distil(cfg)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return user_error(e)
     if args.print_config:
         return print_config(cfg)
-    from train.trainer import run
+    from vitssl.train.trainer import run
 
     try:
         return run(cfg)

@@ -1,8 +1,8 @@
-"""``python -m train.distil_report --encoder NAME=SPEC ... --train SHARDS --val SHARDS``.
+"""``python -m vitssl.train.distil_report --encoder NAME=SPEC ... --train SHARDS --val SHARDS``.
 
 Compares encoders side by side, typically the teacher, the distilled student and the same
 student trained from scratch (SimCLR / BYOL) at an equal budget. For each ``NAME=SPEC`` (a run
-directory, checkpoint or export, as ``train.evaluate`` takes them):
+directory, checkpoint or export, as ``vitssl.train.evaluate`` takes them):
 
 * k-NN top-1/top-5 on frozen features (the evaluation suite: ``extract_features`` on the
   ``eval`` view + ``knn_classify``, DINO's weighted vote, k=20, T=0.07), and its percentage of
@@ -79,11 +79,11 @@ def report(
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every ``(name, spec)``; the first is the reference (teacher) of the ratio."""
-    from data_pipelines.labelled import LabelledReader
-    from models.students import count_parameters
-    from train.evaluation.encoders import load_encoder
-    from train.evaluation.features import extract_features
-    from train.evaluation.knn import knn_classify
+    from vitssl.data_pipelines.labelled import LabelledReader
+    from vitssl.models.students import count_parameters
+    from vitssl.train.evaluation.encoders import load_encoder
+    from vitssl.train.evaluation.features import extract_features
+    from vitssl.train.evaluation.knn import knn_classify
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict[str, Any]] = []
@@ -129,7 +129,7 @@ def report(
 
 
 def write_report(rows: list[dict[str, Any]], settings: dict[str, Any], out: Path) -> None:
-    from train.evaluation.results import markdown_table
+    from vitssl.train.evaluation.results import markdown_table
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "distil_report.json").write_text(
@@ -149,7 +149,7 @@ def write_report(rows: list[dict[str, Any]], settings: dict[str, Any], out: Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.distil_report",
+        prog="python -m vitssl.train.distil_report",
         description="Teacher vs distilled vs from-scratch student: k-NN, params, FLOPs, latency.",
     )
     parser.add_argument(
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train.evaluation.results import markdown_table
+    from vitssl.train.evaluation.results import markdown_table
 
     print(markdown_table([{k: v for k, v in r.items() if k != "source"} for r in rows]))
     return 0

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from train.config import ConfigError, RunConfig
+from vitssl.train.config import ConfigError, RunConfig
 
 DS_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 

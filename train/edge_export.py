@@ -1,4 +1,4 @@
-"""``python -m train.edge_export COMMAND RECIPE [section.key=value ...]``: INT8 edge export.
+"""``python -m vitssl.train.edge_export COMMAND RECIPE [section.key=value ...]``: INT8 edge export.
 
 Commands:
 
@@ -7,7 +7,7 @@ Commands:
 * ``pipeline``: pretrain -> evaluate -> distil -> export, with a final report and plots
   (``train/recipes/export_pipeline_*.toml``; see train.edge.pipeline).
 
-Exit codes (train.cli): 0 done, 2 bad configuration or input, 3 the INT8 model lost more than
+Exit codes (vitssl.train.cli): 0 done, 2 bad configuration or input, 3 the INT8 model lost more than
 ``verify.max_drop`` points (unless ``--accept-drop``), 4 a pipeline stage failed (its
 report.md says which and why), 75 a pipeline stage was stopped by a signal (run again).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from train.cli import (
+from vitssl.train.cli import (
     EXIT_OK,
     EXIT_REQUEUE,
     EXIT_STAGE,
@@ -28,7 +28,7 @@ from train.cli import (
     setup_logging,
     user_error,
 )
-from train.recipes import recipes_help
+from vitssl.train.recipes import recipes_help
 
 DESCRIPTION = """INT8 quantization and edge export, one of two commands:
   artefact  an encoder (model.checkpoint: a run directory or exported encoder) to FP32 ONNX,
@@ -39,7 +39,7 @@ DESCRIPTION = """INT8 quantization and edge export, one of two commands:
 
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser(
-        "python -m train.edge_export",
+        "python -m vitssl.train.edge_export",
         DESCRIPTION,
         recipes_help("export", "pipeline")
         + "\n"
@@ -62,15 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         if args.command == "pipeline":
-            from train.edge.pipeline import check_recipes, load_pipeline_config, run_pipeline
+            from vitssl.train.edge.pipeline import check_recipes, load_pipeline_config, run_pipeline
 
             pcfg = load_pipeline_config(args.recipe, args.overrides)
             check_recipes(pcfg)
             if args.print_config:
                 return print_config(pcfg)
             return run_pipeline(pcfg, accept_drop=args.accept_drop)
-        from train.edge.config import load_export_config
-        from train.edge.run import run_export
+        from vitssl.train.edge.config import load_export_config
+        from vitssl.train.edge.run import run_export
 
         ecfg = load_export_config(args.recipe, args.overrides)
         if args.print_config:

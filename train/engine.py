@@ -17,11 +17,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from models.methods.base import Method
-from train.checkpoint import ensure_universal, needs_universal
-from train.config import RunConfig
-from train.ds_config import build_ds_config
-from train.optim import build_optimizer
+from vitssl.models.methods.base import Method
+from vitssl.train.checkpoint import ensure_universal, needs_universal
+from vitssl.train.config import RunConfig
+from vitssl.train.ds_config import build_ds_config
+from vitssl.train.optim import build_optimizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 """``train.precision`` -> the dtype of the views and of the teacher."""
@@ -42,7 +42,7 @@ class BuiltEngine:
 
 
 def apply_speed_switches(method: Method, cfg: RunConfig) -> None:
-    from models.speed import compile_blocks, fuse_layernorms, to_channels_last
+    from vitssl.models.speed import compile_blocks, fuse_layernorms, to_channels_last
 
     if cfg.model.fused_layernorm:
         fuse_layernorms(method)

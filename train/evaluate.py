@@ -1,4 +1,4 @@
-"""``python -m train.evaluate PROTOCOL RECIPE [section.key=value ...]``: evaluate an encoder.
+"""``python -m vitssl.train.evaluate PROTOCOL RECIPE [section.key=value ...]``: evaluate an encoder.
 
 PROTOCOL is one of knn, linear, label-efficiency, pictures (a frozen encoder, recipe
 ``train/recipes/eval_*.toml``) or finetune (a training run, recipe ``finetune_*.toml``).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from train.cli import (
+from vitssl.train.cli import (
     EXIT_OK,
     EXIT_REQUEUE,
     EXIT_USAGE,
@@ -21,7 +21,7 @@ from train.cli import (
     stdout_for,
     user_error,
 )
-from train.recipes import recipes_help
+from vitssl.train.recipes import recipes_help
 
 PROTOCOLS = ("knn", "linear", "finetune", "label-efficiency", "pictures")
 DESCRIPTION = """Evaluate a pretrained encoder (a run directory, a checkpoint, an exported
@@ -36,7 +36,7 @@ Results go to <output_dir>/<protocol>.json and .md."""
 
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser(
-        "python -m train.evaluate",
+        "python -m vitssl.train.evaluate",
         DESCRIPTION,
         recipes_help("evaluate", "finetune")
         + "\n\n"
@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     setup_logging()
     with stdout_for(args.print_config):
-        import models.methods.finetune  # noqa: F401  (registers the finetune method)
-        from train.evaluation import protocols
+        import vitssl.models.methods.finetune  # noqa: F401  (registers the finetune method)
+        from vitssl.train.evaluation import protocols
 
     try:
         if args.command == "finetune":
-            from train.config import load_config
+            from vitssl.train.config import load_config
 
             with stdout_for(args.print_config):
                 cfg = load_config(args.recipe, args.overrides)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 return print_config(cfg)
             protocols.check_finetune(cfg)
             return protocols.run_finetune(cfg)
-        from train.evaluation.config import load_eval_config
+        from vitssl.train.evaluation.config import load_eval_config
 
         eval_cfg = load_eval_config(args.recipe, args.overrides)
         if args.print_config:

@@ -1,7 +1,7 @@
 """Export the pretrained encoder as a safetensors state dict that loads into timm.
 
-``python -m train.export_encoder RUN_DIR_OR_CHECKPOINT [--out DIR]`` consolidates the
-fp32 master weights from the ZeRO partitions (weights-only, see ``train.weights``), keeps
+``python -m vitssl.train.export_encoder RUN_DIR_OR_CHECKPOINT [--out DIR]`` consolidates the
+fp32 master weights from the ZeRO partitions (weights-only, see ``vitssl.train.weights``), keeps
 the ``backbone.`` parameters (or, with ``method.export_teacher``, the EMA teacher's backbone
 from ``extra_state.safetensors``), and writes ``encoder.safetensors`` plus ``encoder.json``
 (the timm model name and the keyword arguments to rebuild it), which
@@ -19,10 +19,10 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from models.backbones import timm_args
-from train.checkpoint import read_meta
-from train.hf_export import write_hf_export
-from train.weights import encoder_state, resolve_checkpoint
+from vitssl.models.backbones import timm_args
+from vitssl.train.checkpoint import read_meta
+from vitssl.train.hf_export import write_hf_export
+from vitssl.train.weights import encoder_state, resolve_checkpoint
 
 
 def encoder_spec(meta: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def export_encoder(path: Path, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.export_encoder", description=__doc__.splitlines()[0]
+        prog="python -m vitssl.train.export_encoder", description=__doc__.splitlines()[0]
     )
     parser.add_argument("path", type=Path, help="run directory or checkpoint directory")
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/export")

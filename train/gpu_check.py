@@ -1,7 +1,7 @@
 """GPU acceptance check: one command, one markdown report (``make gpu-check``).
 
-    python -m train.gpu_check --out reports/gpu_check.md            # on one H100/H200, <= 8 min
-    python -m train.gpu_check --dry-run --out /tmp/gpu_check.md     # CPU, tiny sizes (tests)
+    python -m vitssl.train.gpu_check --out reports/gpu_check.md     # on one H100/H200, <= 8 min
+    python -m vitssl.train.gpu_check --dry-run --out /tmp/gpu_check.md     # CPU, tiny sizes (tests)
 
 Sections, each in its own subprocess with its own time box (a failure, an out-of-memory or a
 time-out is written into its section and the others still run; the boxes add up to less
@@ -9,7 +9,7 @@ than ``--budget-s``):
 
 * ``peak``: the measured dense bf16 matmul peak, the denominator of every MFU below.
 * ``mae_vit_b`` / ``mae_vit_l``: MAE ViT-B/16 and ViT-L/16 at 224 px in bf16 through the
-  project's engine (``train.benchmark.build_engine``), with and without ``train.compile``
+  project's engine (``vitssl.train.benchmark.build_engine``), with and without ``train.compile``
   and gradient checkpointing: images/s and MFU (model FLOPs of models.flops, 3x forward).
 * ``data``: sustained images/s from full-size JPEG shards decoded by nvJPEG
   (``data.decode_on_device``) into MAE ViT-B steps, with the data-wait fraction.
@@ -121,7 +121,7 @@ def _device() -> torch.device:
 
 
 def _peak_tflops(sizes: Sizes) -> float:
-    from train.benchmark import measured_matmul_tflops
+    from vitssl.train.benchmark import measured_matmul_tflops
 
     dev = _device()
     return measured_matmul_tflops(
@@ -135,7 +135,7 @@ def section_peak(sizes: Sizes, peak: float) -> list[str]:
 
 
 def _mae_rows(model: str, sizes: Sizes, peak: float) -> list[str]:
-    from train.benchmark import MAESetup, time_steps
+    from vitssl.train.benchmark import MAESetup, time_steps
 
     rows = ["| compile | grad ckpt | images/s | MFU |", "| --- | --- | ---: | ---: |"]
     for compiled in (False, True):
@@ -169,7 +169,7 @@ def section_mae_vit_l(sizes: Sizes, peak: float) -> list[str]:
 
 
 def section_data(sizes: Sizes, peak: float) -> list[str]:
-    from data_pipelines.benchmark import sustained_mae, synthetic_jpeg_shards
+    from vitssl.data_pipelines.benchmark import sustained_mae, synthetic_jpeg_shards
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         shards = synthetic_jpeg_shards(Path(tmp), sizes.data_images)
@@ -194,7 +194,7 @@ def section_data(sizes: Sizes, peak: float) -> list[str]:
 
 
 def section_zero3_offload(sizes: Sizes, peak: float) -> list[str]:
-    from train.benchmark import MAESetup, time_steps
+    from vitssl.train.benchmark import MAESetup, time_steps
 
     rows = ["| model | result | peak GPU memory |", "| --- | --- | ---: |"]
     for model in sizes.offload_models:
@@ -221,7 +221,7 @@ def section_zero3_offload(sizes: Sizes, peak: float) -> list[str]:
 
 
 def section_zero2_vs_zero0(sizes: Sizes, peak: float) -> list[str]:
-    from train.benchmark import MAESetup, time_steps
+    from vitssl.train.benchmark import MAESetup, time_steps
 
     rows = ["| preset | ms/step | images/s |", "| --- | ---: | ---: |"]
     for zero in ("zero0", "zero2"):
@@ -299,12 +299,12 @@ def run_section(name: str, dry_run: bool, peak: float, out: Path) -> None:
     _PARTIAL[:] = [out]
     sizes = DRY if dry_run else GPU
     if dry_run:
-        import models.speed
+        from vitssl.models import speed
 
         torch.set_num_threads(1)
         # dry runs trace and differentiate the compiled blocks (dynamo + AOT autograd) but
         # skip inductor's C++ code generation, minutes on a small CPU
-        models.speed.compile_blocks.__defaults__ = ("aot_eager",)
+        speed.compile_blocks.__defaults__ = ("aot_eager",)
     lines = SECTIONS[name](sizes, peak)
     out.write_text(json.dumps(lines))
 
@@ -313,7 +313,15 @@ def _spawn(name: str, dry_run: bool, peak: float, timeout: float) -> tuple[list[
     """Run a section in a subprocess: its lines, or a one-line failure, and its seconds."""
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         out = Path(tmp) / "section.json"
-        cmd = [sys.executable, "-m", "train.gpu_check", "--section", name, "--json", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vitssl.train.gpu_check",
+            "--section",
+            name,
+            "--json",
+            str(out),
+        ]
         cmd += ["--peak", str(peak)] + (["--dry-run"] if dry_run else [])
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         t0 = time.perf_counter()
@@ -359,7 +367,7 @@ def write_report(out: Path, dry_run: bool, budget_s: float, only: list[str]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m train.gpu_check", description=__doc__.split("\n")[0]
+        prog="python -m vitssl.train.gpu_check", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", type=Path, default=Path("reports/gpu_check.md"))
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script")

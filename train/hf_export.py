@@ -18,8 +18,8 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
-from models.backbones import timm_args
+from vitssl.data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vitssl.models.backbones import timm_args
 
 CROP_PCT = 0.875
 """The evaluation transform resizes to ``size / 0.875`` and centre-crops ``size``."""

@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from train.engine import gathered_direct_params
-from train.metrics import peak_memory_mb
+from vitssl.train.engine import gathered_direct_params
+from vitssl.train.metrics import peak_memory_mb
 
 if TYPE_CHECKING:
-    from train.trainer import StepResult, Trainer
+    from vitssl.train.trainer import StepResult, Trainer
 
 
 @dataclass
@@ -98,7 +98,7 @@ class CollapseMonitor(Hook):
         self.every = every
 
     def __call__(self, trainer: Trainer, result: StepResult) -> None:
-        from models.collapse import collapse_metrics, collapse_warning
+        from vitssl.models.collapse import collapse_metrics, collapse_warning
 
         embeddings = result.out.get("embeddings")
         if embeddings is None:

@@ -1,4 +1,4 @@
-"""The official MAE model, transcribed eagerly: the baseline of ``python -m train.benchmark``.
+"""The official MAE model, transcribed eagerly: the baseline of ``vitssl.train.benchmark``.
 
 ``ReferenceMAE`` follows facebookresearch/mae ``models_mae.py`` (MaskedAutoencoderViT:
 sin-cos tables, ``random_masking`` with gather on a repeated index, forward_encoder /

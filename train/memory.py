@@ -1,6 +1,6 @@
 """Per-GPU memory estimate of an MAE pretraining run under each ZeRO preset.
 
-    python -m train.memory --model vit_base_patch16_224 --img-size 224 --gpus 8 --nodes 1
+    python -m vitssl.train.memory --model vit_base_patch16_224 --img-size 224 --gpus 8 --nodes 1
 
 Model states (parameters, gradients, optimizer states) come from DeepSpeed's own
 estimators, ``estimate_zero2_model_states_mem_needs`` and
@@ -150,9 +150,9 @@ def build_mae_on_meta(
     model: str, img_size: int, patch_size: int, mask_ratio: float, dec_width: int, dec_depth: int
 ) -> tuple[nn.Module, MaeShape]:
     """The project's MAE (encoder + decoder), with every tensor on the meta device."""
-    from models.methods.mae import MAEConfig
-    from models.registry import create_method
-    from train.config import ModelSection
+    from vitssl.models.methods.mae import MAEConfig
+    from vitssl.models.registry import create_method
+    from vitssl.train.config import ModelSection
 
     heads = max(1, dec_width // 32)
     method_cfg = MAEConfig(
@@ -196,7 +196,7 @@ def format_table(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m train.memory",
+        prog="python -m vitssl.train.memory",
         description="Estimate per-GPU memory of MAE pretraining under ZeRO-1/2/3 and offload.",
     )
     p.add_argument("--model", default="vit_base_patch16_224", help="a timm ViT name")

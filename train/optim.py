@@ -69,7 +69,7 @@ def _build(
             return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
     if name == "lars":
-        from train.lars import LARS
+        from vitssl.train.lars import LARS
 
         return LARS(groups, lr=lr)
     if name == "lamb":

@@ -1,4 +1,4 @@
-"""``python -m train.pretrain RECIPE [section.key=value ...]``: pretrain one model.
+"""``python -m vitssl.train.pretrain RECIPE [section.key=value ...]``: pretrain one model.
 
 Launch it as is (one process), or under ``torchrun``, ``deepspeed --module`` or ``srun``.
 Exit codes: 0 done, 2 bad configuration or input, 5 loss still non-finite after
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from train.cli import (
+from vitssl.train.cli import (
     EXIT_DIVERGED,
     EXIT_OK,
     EXIT_REQUEUE,
@@ -21,8 +21,8 @@ from train.cli import (
     stdout_for,
     user_error,
 )
-from train.config import load_config
-from train.recipes import recipes_help
+from vitssl.train.config import load_config
+from vitssl.train.recipes import recipes_help
 
 DESCRIPTION = (
     "Self-supervised pretraining (MAE, SimCLR, MoCo v3, BYOL, SimSiam, DINO) on DeepSpeed:\n"
@@ -33,7 +33,7 @@ DESCRIPTION = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser(
-        "python -m train.pretrain",
+        "python -m vitssl.train.pretrain",
         DESCRIPTION,
         recipes_help("pretrain")
         + "\n\n"
@@ -44,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stdout_for(args.print_config):
             cfg = load_config(args.recipe, args.overrides)
-            from train.ds_config import build_ds_config
+            from vitssl.train.ds_config import build_ds_config
 
             build_ds_config(cfg, world_size=1)  # refuse a bad DeepSpeed config before any group
     except ValueError as e:  # ConfigError included
         return user_error(e)
     if args.print_config:
         return print_config(cfg)
-    from train.trainer import run
+    from vitssl.train.trainer import run
 
     try:
         return run(cfg)

@@ -1,4 +1,4 @@
-"""``python -m train.recipes [STAGE]``: every recipe in ``train/recipes/``, by stage.
+"""``python -m vitssl.train.recipes [STAGE]``: every recipe in ``train/recipes/``, by stage.
 
 A recipe's one-line description is the first comment line of its file. Its stage follows
 from its name's prefix (``eval_`` -> evaluate, ``finetune_`` -> evaluate finetune,
@@ -15,15 +15,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.config import RECIPES_DIR
+from vitssl.train.config import RECIPES_DIR
 
 STAGES = {
-    "pretrain": "python -m train.pretrain RECIPE",
-    "evaluate": "python -m train.evaluate {knn,linear,label-efficiency,pictures} RECIPE",
-    "finetune": "python -m train.evaluate finetune RECIPE",
-    "distil": "python -m train.distil RECIPE",
-    "export": "python -m train.edge_export artefact RECIPE",
-    "pipeline": "python -m train.edge_export pipeline RECIPE",
+    "pretrain": "python -m vitssl.train.pretrain RECIPE",
+    "evaluate": "python -m vitssl.train.evaluate {knn,linear,label-efficiency,pictures} RECIPE",
+    "finetune": "python -m vitssl.train.evaluate finetune RECIPE",
+    "distil": "python -m vitssl.train.distil RECIPE",
+    "export": "python -m vitssl.train.edge_export artefact RECIPE",
+    "pipeline": "python -m vitssl.train.edge_export pipeline RECIPE",
 }
 """Each stage and the command that runs its recipes."""
 
@@ -83,7 +83,7 @@ def recipes_help(*stages: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.recipes",
+        prog="python -m vitssl.train.recipes",
         description="List every recipe in train/recipes/ by stage, with its one-line description.",
     )
     parser.add_argument("stage", nargs="?", choices=tuple(STAGES), help="only this stage")

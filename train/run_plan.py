@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.config import ConfigError, OptimSection, RunConfig
-from train.schedules import cosine_between, warmup_cosine
+from vitssl.train.config import ConfigError, OptimSection, RunConfig
+from vitssl.train.schedules import cosine_between, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def apply_run_plan(cfg: RunConfig, plan: RunPlan) -> RunConfig:
 
 def samples_per_epoch(cfg: RunConfig) -> int:
     """Samples in one pass over ``data.train_shards`` (from the shard index)."""
-    from data_pipelines.shard_index import expand_shards, read_index
+    from vitssl.data_pipelines.shard_index import expand_shards, read_index
 
     return read_index(expand_shards(cfg.data.train_shards), cfg.data.index or None).num_samples
 

@@ -38,21 +38,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipelines.transforms import model_input
-from models.methods.base import Method, StepContext
-from models.registry import create_method
-from train.checkpoint import (
+from vitssl.data_pipelines.transforms import model_input
+from vitssl.models.methods.base import Method, StepContext
+from vitssl.models.registry import create_method
+from vitssl.train.checkpoint import (
     complete_checkpoints,
     ensure_writable,
     latest_complete,
     load_checkpoint,
     save_checkpoint,
 )
-from train.cli import EXIT_DIVERGED
-from train.config import RunConfig, save_config
-from train.ds_config import build_ds_config
-from train.engine import build_engine
-from train.hooks import (
+from vitssl.train.cli import EXIT_DIVERGED
+from vitssl.train.config import RunConfig, save_config
+from vitssl.train.ds_config import build_ds_config
+from vitssl.train.engine import build_engine
+from vitssl.train.hooks import (
     Checkpoint,
     CollapseMonitor,
     Hook,
@@ -61,11 +61,11 @@ from train.hooks import (
     Pictures,
     Window,
 )
-from train.metrics import RunLogger, StepMetrics
-from train.preemption import EXIT_REQUEUE, StopFlag
-from train.run_plan import plan_run, set_weight_decay
-from train.schedules import warmup_cosine
-from train.weights import init_backbone, method_weights
+from vitssl.train.metrics import RunLogger, StepMetrics
+from vitssl.train.preemption import EXIT_REQUEUE, StopFlag
+from vitssl.train.run_plan import plan_run, set_weight_decay
+from vitssl.train.schedules import warmup_cosine
+from vitssl.train.weights import init_backbone, method_weights
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 """A dead rank fails the job after this long instead of hanging it."""
@@ -94,7 +94,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Rank, world size and device, from torchrun's, deepspeed's or Slurm's environment."""
     import deepspeed
 
-    from train.dist_env import apply_dist_env, resolve_dist_env
+    from vitssl.train.dist_env import apply_dist_env, resolve_dist_env
 
     env = resolve_dist_env(os.environ)
     port_given = "MASTER_PORT" in os.environ
@@ -333,9 +333,9 @@ class Trainer:
             (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
 
     def _build_method_and_data(self) -> tuple[Method, Any, Any]:
-        from data_pipelines.device_augment import DeviceViews
-        from data_pipelines.loader import build_loader
-        from data_pipelines.transforms import build_transform
+        from vitssl.data_pipelines.device_augment import DeviceViews
+        from vitssl.data_pipelines.loader import build_loader
+        from vitssl.data_pipelines.transforms import build_transform
 
         cfg = self.cfg
         transform = build_transform(
@@ -368,7 +368,7 @@ class Trainer:
         return method, loader, device_views
 
     def _build_hooks(self) -> list[Hook]:
-        from train.evaluation.online import OnlineKNN
+        from vitssl.train.evaluation.online import OnlineKNN
 
         log = self.cfg.log
         knn = OnlineKNN(
@@ -519,7 +519,7 @@ class Trainer:
         )
 
     def _export(self) -> None:
-        from train.export_encoder import export_encoder
+        from vitssl.train.export_encoder import export_encoder
 
         if dist.is_initialized():
             dist.barrier()

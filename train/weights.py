@@ -16,7 +16,7 @@ Accepted, in this order (:func:`resolve_weights`):
   then to a one-line "unknown weights format" error.
 
 Nothing is unpickled beyond tensors: torch files go through
-``train.checkpoint.load_weights_only``.
+``vitssl.train.checkpoint.load_weights_only``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from models.pretrained import PretrainedWeights, load_strict
-from train.checkpoint import (
+from vitssl.models.pretrained import PretrainedWeights, load_strict
+from vitssl.train.checkpoint import (
     MARKER,
     latest_complete,
     load_weights_only,
@@ -38,7 +38,7 @@ from train.checkpoint import (
     read_meta,
     verify_weights_only,
 )
-from train.config import ConfigError, ModelSection, build_dataclass
+from vitssl.train.config import ConfigError, ModelSection, build_dataclass
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def external_weights(path: Path, expect: Any | None) -> PretrainedWeights | None
     ``student`` with ``backbone.`` prefixes, Hugging Face directories, a timm name with a
     local file) plug in. None when no converter recognises ``path``. Weights that do not
     fit the architecture their shapes name (missing or unexpected keys) are refused."""
-    from train.weight_formats import load_external, model_fields
+    from vitssl.train.weight_formats import load_external, model_fields
 
     ext = load_external(path)
     if ext is None:
@@ -294,8 +294,8 @@ def method_weights(method_cfg: Any, model_cfg: Any) -> dict[str, PretrainedWeigh
 
 
 def load_teacher(spec: str, pool: str = "cls") -> Any:
-    """A distillation teacher (``models.methods.distil.FrozenTeacher``) from any weights."""
-    from models.methods.distil import frozen_teacher
+    """A distillation teacher (``vitssl.models.methods.distil.FrozenTeacher``) from any weights."""
+    from vitssl.models.methods.distil import frozen_teacher
 
     return frozen_teacher(resolve_weights(spec), pool)
 

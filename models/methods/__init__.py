@@ -1,6 +1,6 @@
 """Importing this package registers every method (see models.registry)."""
 
-from models.methods import (  # noqa: F401
+from vitssl.models.methods import (  # noqa: F401
     byol,
     dino,
     distil,

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.backbones import embed
-from models.ema import EMATeacher, cosine_momentum
+from vitssl.models.backbones import embed
+from vitssl.models.ema import EMATeacher, cosine_momentum
 
 Batch = dict[str, Any]
 

@@ -1,7 +1,7 @@
 """BYOL (Grill et al. 2020): online network with predictor regresses an EMA target network.
 
 * Online: backbone -> projector -> predictor; target: an EMA copy of backbone + projector
-  (models.methods.base.EMAMethod).
+  (vitssl.models.methods.base.EMAMethod).
 * Loss: ``2 - 2 cos(p, z_target)`` for (view 1 -> view 2) plus (view 2 -> view 1).
 * Target decay: ``1 - (1 - base) (cos(pi k / K) + 1) / 2``, a pure function of the step.
 """
@@ -13,11 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from models.backbones import create_backbone, embed, embed_dim
-from models.heads import maybe_sync_batchnorm, projection_mlp
-from models.losses import normalized_mse_loss
-from models.methods.base import Batch, EMAMethod
-from models.registry import MethodConfig, register_method
+from vitssl.models.backbones import create_backbone, embed, embed_dim
+from vitssl.models.heads import maybe_sync_batchnorm, projection_mlp
+from vitssl.models.losses import normalized_mse_loss
+from vitssl.models.methods.base import Batch, EMAMethod
+from vitssl.models.registry import MethodConfig, register_method
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """DINO (Caron et al. 2021): self-distillation with no labels, multi-crop.
 
 * Student: backbone + :class:`models.heads.DINOHead` on every crop; teacher: an EMA copy of
-  both (models.methods.base.EMAMethod) that sees the two global crops only.
+  both (vitssl.models.methods.base.EMAMethod) that sees the two global crops only.
 * Teacher outputs are centred (``center``: EMA with ``center_momentum`` of the batch mean
   over all ranks) and sharpened (temperature warmed up per epoch from
   ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs``); or,
@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbones import create_backbone, embed, embed_dim
-from models.distributed import all_reduce_mean_
-from models.heads import DINOHead, maybe_sync_batchnorm
-from models.losses import dino_loss, sinkhorn_knopp
-from models.methods.base import Batch, EMAMethod, StepContext
-from models.registry import MethodConfig, register_method
+from vitssl.models.backbones import create_backbone, embed, embed_dim
+from vitssl.models.distributed import all_reduce_mean_
+from vitssl.models.heads import DINOHead, maybe_sync_batchnorm
+from vitssl.models.losses import dino_loss, sinkhorn_knopp
+from vitssl.models.methods.base import Batch, EMAMethod, StepContext
+from vitssl.models.registry import MethodConfig, register_method
 
 
 @dataclass

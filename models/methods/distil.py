@@ -16,7 +16,7 @@ Shape of the method (``method.name = "distil"``):
   weights, computing in the inputs' precision: bf16 on bf16 runs, float32 on fp32). A SHA-256 of
   its weights is saved with every checkpoint (``extra_state``) and checked on resume.
 * Offline mode (``method.cache``): the teacher's embeddings were computed once by
-  ``python -m train.cache_teacher`` on the deterministic ``eval`` view of every sample and
+  ``python -m vitssl.train.cache_teacher`` on the deterministic ``eval`` view of every sample and
   stored beside the run as ``teacher.npy`` ``(N, D)``, row = the loader's stable ``sample_id``
   (position in the shard index); the teacher is then not loaded at all.
 
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.backbones import create_backbone, is_vit
-from models.distill_losses import (
+from vitssl.models.backbones import create_backbone, is_vit
+from vitssl.models.distill_losses import (
     FEATURE_LOSSES,
     PATCH_LOSSES,
     EmbeddingQueue,
@@ -48,14 +48,14 @@ from models.distill_losses import (
     patch_loss,
     relational_loss,
 )
-from models.distributed import all_reduce_mean_
-from models.ema import FrozenModules
-from models.heads import projection_mlp
-from models.methods.base import Batch, Method
-from models.pretrained import PretrainedWeights
-from models.registry import MethodConfig, register_method
-from models.students import student_features, student_shape
-from models.vit import forward_tokens, pool_tokens
+from vitssl.models.distributed import all_reduce_mean_
+from vitssl.models.ema import FrozenModules
+from vitssl.models.heads import projection_mlp
+from vitssl.models.methods.base import Batch, Method
+from vitssl.models.pretrained import PretrainedWeights
+from vitssl.models.registry import MethodConfig, register_method
+from vitssl.models.students import student_features, student_shape
+from vitssl.models.vit import forward_tokens, pool_tokens
 
 POOLS = ("cls", "avg")
 TEACHER_VIEWS = ("same", "weak")
@@ -79,7 +79,7 @@ class DistilConfig(MethodConfig):
     teacher_view: str = "same"
     """same: the teacher sees the student's view; weak: the loader's second view."""
     cache: str = ""
-    """Directory of cached teacher embeddings (train.cache_teacher); "" = online teacher."""
+    """Directory of cached teacher embeddings (vitssl.train.cache_teacher); "" = online teacher."""
     proj_hidden_dim: int = 2048
     """Hidden width of the student's projection head; 0 = a single linear layer."""
     feature_loss: str = "cosine"
@@ -230,7 +230,7 @@ class FrozenTeacher:
 
 
 def frozen_teacher(weights: PretrainedWeights, pool: str = "cls") -> FrozenTeacher:
-    """The teacher of resolved ``weights`` (``train.weights``; this module reads no files).
+    """The teacher of resolved ``weights`` (``vitssl.train.weights``; this module reads no files).
 
     Weights of a fine-tuning run bring its classification head, applied to the pooling it
     was trained with (``method.global_pool``).
@@ -249,7 +249,7 @@ def frozen_teacher(weights: PretrainedWeights, pool: str = "cls") -> FrozenTeach
 
 
 class TeacherCache:
-    """Cached teacher outputs of ``train.cache_teacher``, read by sample id (memory-mapped)."""
+    """Cached teacher outputs of ``train/cache_teacher.py``, read by sample id (memory-mapped)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

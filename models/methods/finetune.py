@@ -27,10 +27,10 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from models.backbones import create_backbone, embed, embed_dim, is_vit
-from models.methods.base import Batch, Method, StepContext
-from models.pretrained import PretrainedWeights
-from models.registry import MethodConfig, register_method
+from vitssl.models.backbones import create_backbone, embed, embed_dim, is_vit
+from vitssl.models.methods.base import Batch, Method, StepContext
+from vitssl.models.pretrained import PretrainedWeights
+from vitssl.models.registry import MethodConfig, register_method
 
 POOLS = ("cls", "avg")
 

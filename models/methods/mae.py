@@ -15,10 +15,10 @@ from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from models.methods.base import Batch, Method
-from models.pos_embed import sincos_2d
-from models.registry import MethodConfig, register_method
-from models.vit import MaskedViT, create_vit, forward_tokens, num_patches
+from vitssl.models.methods.base import Batch, Method
+from vitssl.models.pos_embed import sincos_2d
+from vitssl.models.registry import MethodConfig, register_method
+from vitssl.models.vit import MaskedViT, create_vit, forward_tokens, num_patches
 
 
 @dataclass

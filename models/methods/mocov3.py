@@ -1,7 +1,7 @@
 """MoCo v3 (Chen, Xie & He 2021): query encoder with predictor, momentum key encoder.
 
 * Base branch: backbone -> projector -> predictor; momentum branch: an EMA copy of
-  backbone + projector (models.methods.base.EMAMethod).
+  backbone + projector (vitssl.models.methods.base.EMAMethod).
 * Loss: symmetrised InfoNCE against the keys of every rank, times ``2 * temperature``.
 * Momentum: cosine from ``momentum`` to 1 over training, a pure function of the step.
 * ``freeze_patch_embed``: the ViT's patch projection stays at its random init
@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from models.backbones import create_backbone, embed, embed_dim, is_vit
-from models.distributed import gather_no_grad
-from models.heads import maybe_sync_batchnorm, projection_mlp
-from models.losses import info_nce_loss
-from models.methods.base import Batch, EMAMethod
-from models.registry import MethodConfig, register_method
+from vitssl.models.backbones import create_backbone, embed, embed_dim, is_vit
+from vitssl.models.distributed import gather_no_grad
+from vitssl.models.heads import maybe_sync_batchnorm, projection_mlp
+from vitssl.models.losses import info_nce_loss
+from vitssl.models.methods.base import Batch, EMAMethod
+from vitssl.models.registry import MethodConfig, register_method
 
 
 @dataclass

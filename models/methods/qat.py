@@ -10,12 +10,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from models.backbones import embed
-from models.ema import FrozenModules
-from models.fake_quant import distill_loss, prepare
-from models.methods.base import Method
-from models.pretrained import PretrainedWeights
-from models.registry import MethodConfig, register_method
+from vitssl.models.backbones import embed
+from vitssl.models.ema import FrozenModules
+from vitssl.models.fake_quant import distill_loss, prepare
+from vitssl.models.methods.base import Method
+from vitssl.models.pretrained import PretrainedWeights
+from vitssl.models.registry import MethodConfig, register_method
 
 
 @dataclass

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from models.backbones import create_backbone, embed, embed_dim
-from models.heads import maybe_sync_batchnorm, projection_mlp
-from models.losses import nt_xent_loss
-from models.methods.base import Batch, Method
-from models.registry import MethodConfig, register_method
+from vitssl.models.backbones import create_backbone, embed, embed_dim
+from vitssl.models.heads import maybe_sync_batchnorm, projection_mlp
+from vitssl.models.losses import nt_xent_loss
+from vitssl.models.methods.base import Batch, Method
+from vitssl.models.registry import MethodConfig, register_method
 
 
 @dataclass

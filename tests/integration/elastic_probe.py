@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from models.registry import create_method
-from train.checkpoint import load_checkpoint, read_meta
-from train.config import config_from_dict
-from train.engine import build_engine
-from train.trainer import init_distributed
-from train.weights import consolidated_state_dict
+from vitssl.models.registry import create_method
+from vitssl.train.checkpoint import load_checkpoint, read_meta
+from vitssl.train.config import config_from_dict
+from vitssl.train.engine import build_engine
+from vitssl.train.trainer import init_distributed
+from vitssl.train.weights import consolidated_state_dict
 
 
 def main() -> None:

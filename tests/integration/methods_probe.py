@@ -1,7 +1,7 @@
 """``python -m tests.integration.methods_probe SPEC.json``: several trainer runs, one start-up.
 
 Each rank reads a list of ``{"recipe": ..., "overrides": [...]}`` and calls
-``train.trainer.run`` for each in turn inside one process group, so that the smoke runs of
+``vitssl.train.trainer.run`` for each in turn inside one process group, so that the smoke runs of
 every method pay for DeepSpeed's start-up once. Prints ``RUN <i> EXIT <code>`` per run.
 """
 
@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from train.config import load_config
-from train.trainer import run
+from vitssl.train.config import load_config
+from vitssl.train.trainer import run
 
 
 def main() -> int:

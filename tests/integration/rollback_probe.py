@@ -21,11 +21,11 @@ from typing import Any
 
 import torch.distributed as dist
 
-from models.methods.base import Batch, StepContext
-from models.methods.mae import MAE, MAEConfig, build_mae
-from models.registry import register_method
-from train.config import load_config
-from train.trainer import Trainer
+from vitssl.models.methods.base import Batch, StepContext
+from vitssl.models.methods.mae import MAE, MAEConfig, build_mae
+from vitssl.models.registry import register_method
+from vitssl.train.config import load_config
+from vitssl.train.trainer import Trainer
 
 
 @dataclass

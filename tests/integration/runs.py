@@ -43,7 +43,7 @@ def shard_overrides(root: Path) -> list[str]:
 def launch(
     nproc: int, args: list[str], timeout: float = 300, nnodes: int = 1
 ) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node N -m train.pretrain ARGS`` on the CPU (gloo).
+    """``torchrun --nproc_per_node N -m vitssl.train.pretrain ARGS`` on the CPU (gloo).
 
     With ``nnodes > 1``, one torchrun per simulated node over loopback (``--nnodes``,
     ``--node_rank``, static rendezvous at 127.0.0.1), as on a real multi-node job.
@@ -63,7 +63,7 @@ def launch(
             "--master_addr=127.0.0.1",
             f"--master_port={port}",
             "-m",
-            "train.pretrain",
+            "vitssl.train.pretrain",
             *args,
         ]
         procs.append(
@@ -101,7 +101,7 @@ class Rank:
         return texts[0], texts[1]
 
 
-def start(nproc: int, args: list[str], module: str = "train.pretrain") -> list[Rank]:
+def start(nproc: int, args: list[str], module: str = "vitssl.train.pretrain") -> list[Rank]:
     """N processes of ``python -m MODULE ARGS`` with rank variables, as srun starts them.
 
     Output goes to files, not pipes: a rank blocked on a full pipe would hang its peers.
@@ -145,7 +145,7 @@ def finish(ranks: list[Rank], timeout: float = 300) -> subprocess.CompletedProce
 
 
 def spawn(
-    nproc: int, args: list[str], timeout: float = 300, module: str = "train.pretrain"
+    nproc: int, args: list[str], timeout: float = 300, module: str = "vitssl.train.pretrain"
 ) -> subprocess.CompletedProcess:
     """``start`` + ``finish``: one multi-process run of ``python -m MODULE ARGS``."""
     return finish(start(nproc, args, module), timeout)

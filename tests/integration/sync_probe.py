@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train.config import load_config
-from train.trainer import StepResult, Trainer
+from vitssl.train.config import load_config
+from vitssl.train.trainer import StepResult, Trainer
 
 
 class SyncCounter(TorchDispatchMode):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.backbones import create_backbone
-from models.vit import create_vit
 from tests.integration.runs import Rank, finish, read_metrics, shard_overrides, start
-from train.config import ModelSection
-from train.weights import load_teacher
+from vitssl.models.backbones import create_backbone
+from vitssl.models.vit import create_vit
+from vitssl.train.config import ModelSection
+from vitssl.train.weights import load_teacher
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,8 @@ STUDENT = "mobilenetv3_small_100"
 
 
 def start_distil(nproc: int, args: list[str]) -> list[Rank]:
-    """N processes of ``python -m train.distil ARGS`` with rank variables."""
-    return start(nproc, args, module="train.distil")
+    """N processes of ``python -m vitssl.train.distil ARGS`` with rank variables."""
+    return start(nproc, args, module="vitssl.train.distil")
 
 
 def finish_distil(procs: list[Rank], timeout: float = 240) -> tuple[int, str]:
@@ -79,7 +79,7 @@ def test_distillation_zero3_teacher_frozen_and_cache_equals_online(
         "log.progress=false",
     ]
     # offline: cache the teacher on the eval view (in this process, one rank)
-    from train.cache_teacher import main as cache_main
+    from vitssl.train.cache_teacher import main as cache_main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -26,8 +26,8 @@ FINETUNE_TINY = [
 
 
 def evaluate(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m train.evaluate ARGS`` as N ranks (one process each, like srun)."""
-    return spawn(nproc, args, timeout, module="train.evaluate")
+    """``python -m vitssl.train.evaluate ARGS`` as N ranks (one process each, like srun)."""
+    return spawn(nproc, args, timeout, module="vitssl.train.evaluate")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.edge_export import main
+from vitssl.train.edge_export import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data_pipelines.synthetic import write_default_dataset
+    from vitssl.data_pipelines.synthetic import write_default_dataset
 
     root = tmp_path_factory.mktemp("export_data")
     write_default_dataset(root, train_per_class=10, val_per_class=5, shard_size=100)
@@ -134,9 +134,9 @@ def photos(tmp_path_factory):
 def test_certifying_evaluation_and_infer_see_the_same_tensors(artefact, photos, tmp_path):
     """The export's evaluation (load_images) and infer.py on the same files: bit-identical
     input tensors, hence the same FP32 outputs, through a lone .onnx file."""
-    from train.edge import infer
-    from train.edge.data import load_images
-    from train.edge.verify import run_model
+    from vitssl.train.edge import infer
+    from vitssl.train.edge.data import load_images
+    from vitssl.train.edge.verify import run_model
 
     root, paths = photos
     certified = load_images(str(root), 32)
@@ -167,10 +167,10 @@ def test_deployment_preprocessing_is_close_to_the_training_eval_transform():
     (measured: 2.6/255 mean at 32x32, 0.7/255 at 333x77)."""
     import io
 
-    from data_pipelines.decode import decode_pixels
-    from data_pipelines.transforms import build_transform
-    from train.edge import infer
-    from train.edge.preprocessing import deployment_spec
+    from vitssl.data_pipelines.decode import decode_pixels
+    from vitssl.data_pipelines.transforms import build_transform
+    from vitssl.train.edge import infer
+    from vitssl.train.edge.preprocessing import deployment_spec
 
     spec = deployment_spec(32)
     transform = build_transform("eval", 32)
@@ -196,9 +196,9 @@ def test_deployment_preprocessing_is_close_to_the_training_eval_transform():
 def test_openvino_runs_the_same_files(artefact, photos):
     """The second runtime reads the same ONNX files, metadata included."""
     pytest.importorskip("openvino", reason="optional extra: pip install -e .[openvino]")
-    from train.edge.data import load_images
-    from train.edge.infer import Runner
-    from train.edge.verify import run_model
+    from vitssl.train.edge.data import load_images
+    from vitssl.train.edge.infer import Runner
+    from vitssl.train.edge.verify import run_model
 
     root, _ = photos
     images = load_images(str(root), 32).images

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.runs import ROOT, TINY, shard_overrides
-from train.checkpoint import MARKER, complete_checkpoints
+from vitssl.train.checkpoint import MARKER, complete_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def _pretrain(tiny_shards: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
-        "train.pretrain",
+        "vitssl.train.pretrain",
         "mae_vit_tiny_demo",
         *TINY,
         *shard_overrides(tiny_shards),

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.integration.runs import TINY, read_metrics, shard_overrides, spawn
-from train.checkpoint import latest_complete
-from train.weights import consolidated_state_dict
+from vitssl.train.checkpoint import latest_complete
+from vitssl.train.weights import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 
@@ -129,8 +129,8 @@ def test_every_method_trains_on_two_processes_and_zero3_teacher_matches_zero0(
     for key, value in teachers["zero0"].items():
         torch.testing.assert_close(teachers["zero3"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     # the teacher moved away from the initial weights (the EMA really ran)
-    from models.registry import create_method
-    from train.config import load_config
+    from vitssl.models.registry import create_method
+    from vitssl.train.config import load_config
 
     torch.manual_seed(0)  # the trainer's seed: the same initial weights
     cfg = load_config("byol_vit_tiny_cifar", [*SMALL["byol"], "model.patch_size=8"])

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from train.edge_export import main
+from vitssl.train.edge_export import main
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def _stage_lists(data: Path) -> list[str]:
 
 
 def test_pipeline_one_command_chain(tmp_path: Path) -> None:
-    from data_pipelines.synthetic import write_default_dataset
+    from vitssl.data_pipelines.synthetic import write_default_dataset
 
     data = tmp_path / "data"
     write_default_dataset(data, train_per_class=6, val_per_class=3, shard_size=100)
@@ -81,7 +81,7 @@ def test_pipeline_one_command_chain(tmp_path: Path) -> None:
         for f in ("model.fp32.onnx", "model.int8.onnx", "preprocess.json", "report.json"):
             assert (art / f).is_file(), (name, f)
     # the student artefact embeds what the student computes (the head dropped)
-    from train.evaluation.encoders import load_encoder
+    from vitssl.train.evaluation.encoders import load_encoder
 
     student = load_encoder(str(root / "distil")).model.eval()
     x = torch.randn(2, 3, 32, 32)
@@ -106,7 +106,7 @@ def test_pipeline_refuses_unknown_recipe_before_running(tmp_path: Path, capsys) 
 def test_failing_stage_writes_the_report_and_exits_4(tmp_path: Path, capsys) -> None:
     """A stage that fails (here evaluation of an encoder that does not exist) ends the chain
     with exit code 4 and a report that names the stage, its own exit code and its error."""
-    from train.cli import EXIT_STAGE
+    from vitssl.train.cli import EXIT_STAGE
 
     root, missing = tmp_path / "chain", tmp_path / "no_such_run"
     args = ["pipeline", "export_pipeline_demo", f"output_dir={root}", f"checkpoint={missing}"]
@@ -121,7 +121,7 @@ def test_failing_stage_writes_the_report_and_exits_4(tmp_path: Path, capsys) -> 
 def test_failing_export_writes_the_report_and_exits_4(tmp_path: Path) -> None:
     """The export runs in this process: its exception is recorded (traceback in a log file),
     and the report says which export failed and why."""
-    from train.cli import EXIT_STAGE
+    from vitssl.train.cli import EXIT_STAGE
 
     root, missing = tmp_path / "chain", tmp_path / "no_such_run"
     args = ["pipeline", "export_pipeline_demo", f"output_dir={root}", f"checkpoint={missing}"]

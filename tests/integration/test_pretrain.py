@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.integration.runs import ROOT, TINY, launch, read_metrics, shard_overrides, spawn
-from train.checkpoint import complete_checkpoints
-from train.evaluation.encoders import load_encoder
-from train.preemption import EXIT_REQUEUE
+from vitssl.train.checkpoint import complete_checkpoints
+from vitssl.train.evaluation.encoders import load_encoder
+from vitssl.train.preemption import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def test_sigterm_saves_checkpoint_and_exits_75(tiny_shards: Path, tmp_path: Path
     cmd = [
         sys.executable,
         "-m",
-        "train.pretrain",
+        "vitssl.train.pretrain",
         "mae_vit_tiny_demo",
         *TINY,
         *shard_overrides(tiny_shards),
@@ -194,7 +194,7 @@ def test_missing_shard_is_one_line_error_before_training(tmp_path: Path) -> None
     cmd = [
         sys.executable,
         "-m",
-        "train.pretrain",
+        "vitssl.train.pretrain",
         "mae_vit_tiny_demo",
         *TINY,
         f"data.train_shards={missing}",

@@ -142,7 +142,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     ignore = shutil.ignore_patterns(
         ".venv", ".git", "runs", "data", "logs", "*_cache", "__pycache__"
     )
-    shutil.copytree(REPO, copy, ignore=ignore)
+    shutil.copytree(REPO, copy, ignore=ignore, symlinks=True)
     (copy / ".venv").symlink_to((REPO / ".venv").resolve())
     env = {
         **os.environ,
@@ -177,7 +177,10 @@ def test_readme_block_runs(number: int, repo_copy: tuple[Path, dict[str, str]]) 
 
 def test_a_broken_command_fails_its_block(tmp_path: Path) -> None:
     """The harness can fail: a wrong module or a bad override ends the block non-zero."""
-    for line in ("python -m train.no_such_module", "python -m train.pretrain nope --print-config"):
+    for line in (
+        "python -m vitssl.train.no_such_module",
+        "python -m vitssl.train.pretrain nope --print-config",
+    ):
         proc = subprocess.run(
             ["bash", "-c", script_of(f"{line}\necho reached\n")],
             cwd=REPO,

@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration.runs import TINY, read_metrics, shard_overrides, spawn
 from tests.shard_servers import http_server, s3_server
-from train.preemption import EXIT_REQUEUE
+from vitssl.train.preemption import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow
 

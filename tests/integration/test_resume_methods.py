@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.integration.runs import read_metrics, shard_overrides, spawn
 from tests.integration.test_distil import STUDENT, _teacher
-from train.preemption import EXIT_REQUEUE
+from vitssl.train.preemption import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +103,7 @@ def test_method_resume_is_bit_identical(case: str, tiny_shards: Path, tmp_path: 
         nproc,
         [args[0], *SMALL, *shard_overrides(tiny_shards), *args[1:]],
         tmp_path,
-        "train.pretrain",
+        "vitssl.train.pretrain",
     )
 
 
@@ -121,4 +121,4 @@ def test_distillation_resume_is_bit_identical(tiny_shards: Path, tmp_path: Path)
         "method.queue_size=64",
         "train.zero=zero0",
     ]
-    _resume_equals_full(1, args, tmp_path, "train.distil")
+    _resume_equals_full(1, args, tmp_path, "vitssl.train.distil")

@@ -1,12 +1,12 @@
 """The sbatch templates on a real (private, single-node) Slurm cluster.
 
-(a) ``pretrain_single_node.sbatch``, rendered by ``slurm.submit`` for 2 CPU tasks, runs to
+(a) ``pretrain_single_node.sbatch``, rendered by ``vitssl.slurm.submit`` for 2 CPU tasks, runs to
     completion: two srun tasks that find each other through train.dist_env.
 (b) Requeue: SIGUSR1 to the tasks (what ``--signal=USR1@120`` does before the time limit)
     -> checkpoint -> exit 75 -> ``scontrol requeue`` -> the job starts again and resumes,
     and metrics.jsonl holds every step once.
 
-The workload is the real trainer (``python -m train.pretrain``, tiny MAE) when the checkout
+The workload is the real trainer (``python -m vitssl.train.pretrain``, tiny MAE) when the checkout
 has it and its synthetic data writer; otherwise a stand-in trainer with the same contract
 (signals, exit 75, ``checkpoints/step_*/COMPLETE``, metrics.jsonl), so that the Slurm side
 is tested on its own. The daemons need root and the slurm-wlm and munge packages
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train.dist_env import apply_dist_env, resolve_dist_env
+from vitssl.train.dist_env import apply_dist_env, resolve_dist_env
 
 EXIT_REQUEUE = 75
 
@@ -155,6 +155,10 @@ def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Workload:
     shutil.copy(PROJECT / "train" / "dist_env.py", root / "train" / "dist_env.py")
     (root / "train" / "pretrain.py").write_text(STAND_IN_TRAINER)
     (root / "slurm").symlink_to(PROJECT / "slurm")
+    (root / "vitssl").mkdir()  # the checkout's one import name, as in the project
+    (root / "vitssl" / "__init__.py").write_text("")
+    for name in ("train", "slurm"):
+        (root / "vitssl" / name).symlink_to(Path("..") / name)
     return Workload("stand-in", root, "standin_recipe", [])
 
 
@@ -193,7 +197,7 @@ def submit(cluster: SlurmCluster, work: Workload, log_dir: Path, script_args: li
     argv = [
         sys.executable,
         "-m",
-        "slurm.submit",
+        "vitssl.slurm.submit",
         "--template",
         "pretrain_single_node",
         "--job-name",
@@ -405,7 +409,7 @@ def test_submitit_launcher_checkpoints_requeues_and_resumes(
     steps, signal_after = 30, 10
     metrics = run_dir / "metrics.jsonl"
     argv = [
-        sys.executable, "-m", "slurm.submit", "--launcher", "submitit",
+        sys.executable, "-m", "vitssl.slurm.submit", "--launcher", "submitit",
         "--template", "pretrain_single_node", "--job-name", "ssltest-submitit",
         "--nodes", "1", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "00:10:00",
         "--partition", cluster.partition, "--log-dir", str(log_dir), "--chdir", str(stand_in.chdir),

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.integration.runs import ROOT, TINY, shard_overrides
-from train.checkpoint import load_weights_only
-from train.weights import consolidated_state_dict
+from vitssl.train.checkpoint import load_weights_only
+from vitssl.train.weights import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,11 @@ def _refused(proc: subprocess.CompletedProcess, states: Path, marker: Path) -> N
 
 def test_payload_is_refused_by_export(tiny_run: Path, tmp_path: Path) -> None:
     run, states, marker = _poisoned(tiny_run, tmp_path)
-    _refused(_cli("train.export_encoder", str(run), "--out", str(tmp_path / "out")), states, marker)
+    _refused(
+        _cli("vitssl.train.export_encoder", str(run), "--out", str(tmp_path / "out")),
+        states,
+        marker,
+    )
 
 
 def test_payload_is_refused_by_knn_evaluation(
@@ -65,7 +69,7 @@ def test_payload_is_refused_by_knn_evaluation(
 ) -> None:
     run, states, marker = _poisoned(tiny_run, tmp_path)
     proc = _cli(
-        "train.evaluate",
+        "vitssl.train.evaluate",
         "knn",
         "eval_default",
         f"encoder.checkpoint={run}",
@@ -82,7 +86,7 @@ def test_payload_is_refused_as_a_distillation_teacher(
 ) -> None:
     run, states, marker = _poisoned(tiny_run, tmp_path)
     proc = _cli(
-        "train.distil",
+        "vitssl.train.distil",
         "distil_vit_tiny_to_mnv3_cifar",
         *shard_overrides(tiny_shards),
         "model.name=mobilenetv3_small_100",
@@ -98,7 +102,7 @@ def test_payload_is_refused_as_a_distillation_teacher(
 def test_payload_is_refused_on_resume(tiny_run: Path, tiny_shards: Path, tmp_path: Path) -> None:
     run, states, marker = _poisoned(tiny_run, tmp_path)
     proc = _cli(
-        "train.pretrain",
+        "vitssl.train.pretrain",
         "mae_vit_tiny_demo",
         *TINY,
         *shard_overrides(tiny_shards),

@@ -12,26 +12,32 @@ import pytest
 import tomllib
 import torch.distributed as dist
 
-from train.config import RECIPES_DIR, config_from_dict, load_config
-from train.recipes import describe, list_recipes
+from vitssl.train.config import RECIPES_DIR, config_from_dict, load_config
+from vitssl.train.recipes import describe, list_recipes
 
 # module -> (words its help must contain, recipe stages it must list)
 ENTRY_POINTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "train.pretrain": (("pretraining", "DeepSpeed", "exit codes"), ("pretrain",)),
-    "train.evaluate": (("k-NN", "linear", "finetune", "exit codes"), ("evaluate", "finetune")),
-    "train.distil": (("teacher", "student", "exit codes"), ("distil",)),
-    "train.edge_export": (("INT8", "pipeline", "artefact", "exit codes"), ("export", "pipeline")),
-    "train.cache_teacher": (("teacher", "cache"), ("distil",)),
-    "train.export_encoder": (("safetensors",), ()),
-    "train.demo": (("mae_vit_tiny_demo", "data/default", "exit codes"), ()),
-    "train.memory": (("memory", "ZeRO"), ()),
-    "train.benchmark": (("MFU", "images/s"), ()),
-    "train.distil_report": (("k-NN", "latency"), ()),
-    "train.recipes": (("recipe", "stage"), ()),
-    "data_pipelines.make_shards": (("shards", "--verify-only"), ()),
-    "data_pipelines.synthetic": (("shapes", "--out"), ()),
-    "data_pipelines.benchmark": (("images", "baseline"), ()),
-    "slurm.submit": (("sbatch", "--dry-run", "train.recipes"), ()),
+    "vitssl.train.pretrain": (("pretraining", "DeepSpeed", "exit codes"), ("pretrain",)),
+    "vitssl.train.evaluate": (
+        ("k-NN", "linear", "finetune", "exit codes"),
+        ("evaluate", "finetune"),
+    ),
+    "vitssl.train.distil": (("teacher", "student", "exit codes"), ("distil",)),
+    "vitssl.train.edge_export": (
+        ("INT8", "pipeline", "artefact", "exit codes"),
+        ("export", "pipeline"),
+    ),
+    "vitssl.train.cache_teacher": (("teacher", "cache"), ("distil",)),
+    "vitssl.train.export_encoder": (("safetensors",), ()),
+    "vitssl.train.demo": (("mae_vit_tiny_demo", "data/default", "exit codes"), ()),
+    "vitssl.train.memory": (("memory", "ZeRO"), ()),
+    "vitssl.train.benchmark": (("MFU", "images/s"), ()),
+    "vitssl.train.distil_report": (("k-NN", "latency"), ()),
+    "vitssl.train.recipes": (("recipe", "stage"), ()),
+    "vitssl.data_pipelines.make_shards": (("shards", "--verify-only"), ()),
+    "vitssl.data_pipelines.synthetic": (("shapes", "--out"), ()),
+    "vitssl.data_pipelines.benchmark": (("images", "baseline"), ()),
+    "vitssl.slurm.submit": (("sbatch", "--dry-run", "vitssl.train.recipes"), ()),
 }
 
 
@@ -68,7 +74,7 @@ def test_every_recipe_has_a_one_line_description() -> None:
 
 
 def test_recipes_command_lists_every_recipe_under_its_stage(capsys: pytest.CaptureFixture) -> None:
-    from train.recipes import main
+    from vitssl.train.recipes import main
 
     assert main([]) == 0
     out = capsys.readouterr().out
@@ -93,7 +99,7 @@ def test_recipes_command_lists_every_recipe_under_its_stage(capsys: pytest.Captu
 def test_print_config_prints_the_resolved_config_and_exits(tmp_path: Path) -> None:
     """As a user runs it: stdout is the TOML alone (DeepSpeed's log lines go to stderr)."""
     overrides = ["train.steps=7", "optim.betas=[0.8, 0.9]", "data.train_shards=somewhere"]
-    cmd = [sys.executable, "-m", "train.pretrain", "mae_vit_tiny_demo", "--print-config"]
+    cmd = [sys.executable, "-m", "vitssl.train.pretrain", "mae_vit_tiny_demo", "--print-config"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run(
         [*cmd, *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
@@ -108,10 +114,14 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("module", "args", "key"),
     [
-        ("train.evaluate", ["knn", "eval_default", "knn.k=7"], ("knn", "k")),
-        ("train.evaluate", ["finetune", "finetune_vit_tiny_default", "train.steps=3"], None),
-        ("train.edge_export", ["artefact", "export_default", "opset=17"], ("opset",)),
-        ("train.edge_export", ["pipeline", "export_pipeline_demo", "distil.enabled=false"], None),
+        ("vitssl.train.evaluate", ["knn", "eval_default", "knn.k=7"], ("knn", "k")),
+        ("vitssl.train.evaluate", ["finetune", "finetune_vit_tiny_default", "train.steps=3"], None),
+        ("vitssl.train.edge_export", ["artefact", "export_default", "opset=17"], ("opset",)),
+        (
+            "vitssl.train.edge_export",
+            ["pipeline", "export_pipeline_demo", "distil.enabled=false"],
+            None,
+        ),
     ],
 )
 def test_print_config_of_other_commands(
@@ -135,7 +145,7 @@ def test_print_config_of_other_commands(
 
 
 def test_print_config_refuses_a_bad_override_with_one_line(capsys: pytest.CaptureFixture) -> None:
-    from train.pretrain import main
+    from vitssl.train.pretrain import main
 
     assert main(["mae_vit_tiny_demo", "--print-config", "optim.lr=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

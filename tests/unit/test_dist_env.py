@@ -1,10 +1,10 @@
-"""train.dist_env: torchrun, srun (one task per GPU, several nodes) and nothing set."""
+"""vitssl.train.dist_env: torchrun, srun (one task per GPU, several nodes) and nothing set."""
 
 from __future__ import annotations
 
 import pytest
 
-from train.dist_env import (
+from vitssl.train.dist_env import (
     DEFAULT_ADDR,
     DEFAULT_PORT,
     DistEnv,

@@ -24,15 +24,15 @@ def test_importing_every_model_and_pipeline_module_loads_no_train_module() -> No
     data_pipelines/, then look for train or train.* in sys.modules."""
     code = """
 import importlib, json, pkgutil, sys
-import models, models.methods, data_pipelines
-from models.registry import create_method, method_config_class
+import vitssl.models as models, vitssl.models.methods, vitssl.data_pipelines as data_pipelines
+from vitssl.models.registry import create_method, method_config_class
 names = []
 for pkg in (models, data_pipelines):
     for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
         importlib.import_module(info.name)
         names.append(info.name)
 method_config_class("mae")  # fills the registry
-loaded = sorted(n for n in sys.modules if n == "train" or n.startswith("train."))
+loaded = sorted(n for n in sys.modules if n.startswith(("train", "vitssl.train")))
 print(json.dumps({"imported": names, "train": loaded}))
 """
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -41,8 +41,12 @@ print(json.dumps({"imported": names, "train": loaded}))
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    methods = {n for n in out["imported"] if n.startswith("models.methods.")}
-    assert {"models.methods.mae", "models.methods.dino", "models.methods.qat"} <= methods
+    methods = {n for n in out["imported"] if n.startswith("vitssl.models.methods.")}
+    assert {
+        "vitssl.models.methods.mae",
+        "vitssl.models.methods.dino",
+        "vitssl.models.methods.qat",
+    } <= methods
     assert out["train"] == []
 
 
@@ -56,7 +60,10 @@ def _train_imports(path: Path) -> list[int]:
             names = [node.module]
         else:
             continue
-        if any(n == "train" or n.startswith("train.") for n in names):
+        if any(
+            n in ("train", "vitssl.train") or n.startswith(("train.", "vitssl.train."))
+            for n in names
+        ):
             lines.append(node.lineno)
     return lines
 
@@ -106,3 +113,36 @@ def test_the_length_scan_counts_lines(tmp_path: Path) -> None:
         f"def long():\n{body}\n\n\ndef short():\n    pass\n"
     )
     assert _long_functions(tmp_path, 100) == ["train/long.py:1 long"]
+
+
+BARE = ("train", "models", "data_pipelines", "slurm")
+
+
+def _bare_imports(path: Path) -> list[int]:
+    """Line numbers of absolute imports of a folder by its bare name (``train.x``, ...)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        if any(n.split(".")[0] in BARE for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_everything_imports_through_the_vitssl_name() -> None:
+    """A bare ``import train`` beside ``vitssl.train`` would load every module twice (two
+    registries, two config classes) and is what a user's own train.py shadows."""
+    found = {
+        str(p.relative_to(ROOT)): lines
+        for folder in (*BARE, "tests")
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        if (lines := _bare_imports(p))
+    }
+    assert found == {}
+    src = ROOT / "vitssl"
+    assert {p.name for p in src.iterdir() if p.is_symlink()} == {*BARE, "ds_configs"}
+    assert all((src / name).resolve() == ROOT / name for name in (*BARE, "ds_configs"))

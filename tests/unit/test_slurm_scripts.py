@@ -19,18 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from slurm import submit
+from vitssl.slurm import submit
 
 PROJECT = Path(__file__).resolve().parents[2]
 SLURM_DIR = PROJECT / "slurm"
 TEMPLATES = sorted(SLURM_DIR.glob("*.sbatch"))
 SHELL_FILES = [*TEMPLATES, SLURM_DIR / "common.sh"]
 ENTRY_POINTS = {
-    "pretrain_single_node": "train.pretrain",
-    "pretrain_multi_node": "train.pretrain",
-    "eval_array": '"${SSL_ENTRY:-train.evaluate}"',
-    "distil": "train.distil",
-    "export": "train.edge_export",
+    "pretrain_single_node": "vitssl.train.pretrain",
+    "pretrain_multi_node": "vitssl.train.pretrain",
+    "eval_array": '"${SSL_ENTRY:-vitssl.train.evaluate}"',
+    "distil": "vitssl.train.distil",
+    "export": "vitssl.train.edge_export",
 }
 
 
@@ -226,7 +226,7 @@ def test_exit_75_requeues_the_job(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert calls.read_text().split() == ["requeue", "4242"]
-    assert log.read_text().strip() == "trainer: -m train.pretrain r a=1"
+    assert log.read_text().strip() == "trainer: -m vitssl.train.pretrain r a=1"
     assert "requeueing job 4242" in out
 
 
@@ -273,17 +273,21 @@ def test_eval_array_runs_its_line_of_the_sweep(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("# comment\nlr=0.1 out=a\n\nlr=0.3 out=b\n")
     args = [str(sweep), "rec", "shared=1"]
-    proc, _, log = run_template(tmp_path, "eval_array", args, "0", SSL_ENTRY="train.pretrain")
+    proc, _, log = run_template(
+        tmp_path, "eval_array", args, "0", SSL_ENTRY="vitssl.train.pretrain"
+    )
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
-    assert log.read_text().strip() == "trainer: -m train.pretrain rec shared=1 lr=0.3 out=b"
+    assert log.read_text().strip() == "trainer: -m vitssl.train.pretrain rec shared=1 lr=0.3 out=b"
 
 
 def test_eval_array_index_out_of_range_fails(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("lr=0.1\n")
     args = [str(sweep), "rec"]
-    proc, _, log = run_template(tmp_path, "eval_array", args, "0", SSL_ENTRY="train.pretrain")
+    proc, _, log = run_template(
+        tmp_path, "eval_array", args, "0", SSL_ENTRY="vitssl.train.pretrain"
+    )
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert "has no line 1" in out
@@ -319,7 +323,7 @@ def test_memory_follows_deepspeed_estimators() -> None:
         estimate_zero2_model_states_mem_needs_all_cold,
     )
 
-    from train.memory import ModelSize, zero_estimates
+    from vitssl.train.memory import ModelSize, zero_estimates
 
     size = ModelSize(trainable_params=1_300_000_000, largest_layer_params=60_000_000)
     est = {e.setup: e for e in zero_estimates(size, gpus_per_node=8, nodes=1)}
@@ -366,7 +370,7 @@ def test_memory_follows_deepspeed_estimators() -> None:
 
 
 def test_memory_counts_the_mae_model_and_its_activations() -> None:
-    from train.memory import build_mae_on_meta, mae_activation_bytes, model_size
+    from vitssl.train.memory import build_mae_on_meta, mae_activation_bytes, model_size
 
     mae, shape = build_mae_on_meta("vit_base_patch16_224", 224, 16, 0.75, 512, 8)
     size = model_size(mae)
@@ -390,7 +394,7 @@ def test_memory_counts_the_mae_model_and_its_activations() -> None:
 
 
 def test_memory_command_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
-    from train.memory import main
+    from vitssl.train.memory import main
 
     argv = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8"]
     assert main([*argv, "--gpus", "8", "--nodes", "2"]) == 0

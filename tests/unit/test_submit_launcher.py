@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slurm.submit import main, minutes, parse_args, submitit_options
+from vitssl.slurm.submit import main, minutes, parse_args, submitit_options
 
 
 @pytest.mark.parametrize(

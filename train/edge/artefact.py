@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from train.edge.onnx_export import INPUT_NAME, OUTPUT_NAME
-from train.edge.preprocessing import deployment_spec
+from vitssl.train.edge.onnx_export import INPUT_NAME, OUTPUT_NAME
+from vitssl.train.edge.preprocessing import deployment_spec
 
 INFER = Path(__file__).resolve().parent / "infer.py"
 

@@ -1,6 +1,6 @@
 """Benchmark: INT8 speed-up over FP32 of each edge student, per scheme and runtime.
 
-    python -m train.edge.bench_students [--size 32] [--students a,b] [--threads 1]
+    python -m vitssl.train.edge.bench_students [--size 32] [--students a,b] [--threads 1]
 
 Speed does not depend on the weights, so each student is built untrained (CIFAR stem at
 32 px), exported to FP32 ONNX, quantized with every scheme of ``quantize_ort.SCHEMES`` (16
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from train.edge.quantize_ort import SCHEMES, QuantSettings
-from train.edge.verify import cpu_flags, latency_ms
+from vitssl.train.edge.quantize_ort import SCHEMES, QuantSettings
+from vitssl.train.edge.verify import cpu_flags, latency_ms
 
 DEFAULT_STUDENTS = (
     "resnet18",
@@ -31,12 +31,12 @@ DEFAULT_STUDENTS = (
 def bench(name: str, size: int, threads: int, repeats: int, runtimes: list[str]) -> list[str]:
     import torch
 
-    from models.backbones import create_backbone
-    from train.edge.onnx_export import InferenceModel, export_onnx
-    from train.edge.quantize_ort import quantize_int8
+    from vitssl.models.backbones import create_backbone
+    from vitssl.train.edge.onnx_export import InferenceModel, export_onnx
+    from vitssl.train.edge.quantize_ort import quantize_int8
 
     torch.manual_seed(0)
-    from train.config import ModelSection
+    from vitssl.train.config import ModelSection
 
     spec = ModelSection(name=name, img_size=size, cifar_stem=size <= 64)
     model = InferenceModel(create_backbone(spec, "student"), pool="avg")

@@ -6,10 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from train.config import ConfigError, build_dataclass, load_raw
-from train.edge.onnx_export import EXPORTERS
-from train.edge.quantize_ort import QuantSettings
-from train.edge.verify import VerifySettings
+from vitssl.train.config import ConfigError, build_dataclass, load_raw
+from vitssl.train.edge.onnx_export import EXPORTERS
+from vitssl.train.edge.quantize_ort import QuantSettings
+from vitssl.train.edge.verify import VerifySettings
 
 
 @dataclass
@@ -58,7 +58,7 @@ class ExportDataSection:
 
 @dataclass
 class SensitivitySection:
-    """Layer sensitivity scan (train.edge.sensitivity) and float fall-back of the worst."""
+    """Layer sensitivity scan (vitssl.train.edge.sensitivity) and float fall-back of the worst."""
 
     enabled: bool = False
     """Run the scan (one quantization per node and mode)."""
@@ -90,7 +90,7 @@ class QATSection:
 
 @dataclass
 class ExportConfig:
-    """Everything ``python -m train.edge_export artefact`` needs."""
+    """Everything ``python -m vitssl.train.edge_export artefact`` needs."""
 
     model: ExportModelSection = field(default_factory=ExportModelSection)
     data: ExportDataSection = field(default_factory=ExportDataSection)

@@ -1,6 +1,6 @@
 """Images as numpy arrays through the deployment preprocessing, for calibration and
 verification: the very ``decode`` / ``preprocess`` of the artefact's ``infer.py`` applied to
-:func:`train.edge.preprocessing.deployment_spec` (one preprocessing for both)."""
+:func:`vitssl.train.edge.preprocessing.deployment_spec` (one preprocessing for both)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from train.edge.infer import ImageError, decode, preprocess
-from train.edge.preprocessing import deployment_spec
+from vitssl.train.edge.infer import ImageError, decode, preprocess
+from vitssl.train.edge.preprocessing import deployment_spec
 
 
 @dataclass
@@ -28,8 +28,8 @@ class ImageSet:
 
 def _encoded(spec: str, limit: int | None, index: str | None) -> Iterator[tuple[bytes, int, str]]:
     """(image bytes, label, where) of the first ``limit`` samples, in source order."""
-    from data_pipelines.labelled import NO_LABELS, open_source
-    from data_pipelines.tar_samples import read_samples
+    from vitssl.data_pipelines.labelled import NO_LABELS, open_source
+    from vitssl.data_pipelines.tar_samples import read_samples
 
     source = open_source(spec, index)
     total = source.num_samples if limit is None else min(limit, source.num_samples)
@@ -60,7 +60,7 @@ def load_images(
     Shards are written shuffled (make_shards), so the first samples are a fair draw. An
     unreadable sample stops the load (the evaluation never silently changes its data set).
     """
-    from data_pipelines.labelled import open_source
+    from vitssl.data_pipelines.labelled import open_source
 
     pre = deployment_spec(img_size)
     imgs, labels = [], []

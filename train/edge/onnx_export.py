@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.backbones import embed
+from vitssl.models.backbones import embed
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_inference_model(
 ) -> tuple[InferenceModel, int]:
     """The encoder of ``spec`` (run dir, checkpoint, ``encoder.safetensors`` of a teacher or
     a student, or ``random:<timm_name>``) in eval mode, and its input size."""
-    from train.evaluation.encoders import load_encoder
+    from vitssl.train.evaluation.encoders import load_encoder
 
     enc = load_encoder(spec, img_size=img_size, patch_size=patch_size)
     return InferenceModel(enc.model, pool=pool), int(enc.arch.img_size)

@@ -1,9 +1,9 @@
 """The whole chain in one command: pretrain -> evaluate -> distil -> export, then a report.
 
-``python -m train.edge_export pipeline RECIPE [key=value ...]`` (recipe
+``python -m vitssl.train.edge_export pipeline RECIPE [key=value ...]`` (recipe
 ``train/recipes/export_pipeline_*.toml``). Every stage is a config-driven command run as a
-subprocess (``python -m train.pretrain``, ``python -m train.evaluate knn``, ``python -m
-train.distil``), each writing into ``<output_dir>/<stage>``; the export of each model (the
+subprocess (``python -m vitssl.train.pretrain``, ``... evaluate knn``, ``... distil``),
+each writing into ``<output_dir>/<stage>``; the export of each model (the
 pretrained encoder and, when distillation ran, the student) runs in this process.
 Stage overrides may use ``{out}`` (the stage's directory), ``{encoder}`` (the pretrained
 encoder) and ``{root}`` (the pipeline's directory). Every enabled stage's recipe is checked
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.cli import EXIT_OK, EXIT_REQUEUE, EXIT_STAGE, EXIT_USAGE, EXIT_VERIFY
-from train.config import ConfigError, build_dataclass, load_raw, resolve_recipe_path
+from vitssl.train.cli import EXIT_OK, EXIT_REQUEUE, EXIT_STAGE, EXIT_USAGE, EXIT_VERIFY
+from vitssl.train.config import ConfigError, build_dataclass, load_raw, resolve_recipe_path
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class _Chain:
 
     def export(self, name: str, ecfg: Any) -> dict[str, Any] | None:
         """The export of one model, in this process; None (and a logged traceback) on failure."""
-        from train.edge.run import run_export
+        from vitssl.train.edge.run import run_export
 
         log_file = self.root / f"export_{name}.log"
         t0 = time.time()
@@ -153,7 +153,7 @@ class _Chain:
 
 def _export_config(cfg: PipelineConfig, root: Path, name: str, spec: str) -> Any:
     """The export stage's config for one model (``spec``: its encoder)."""
-    from train.edge.config import load_export_config
+    from vitssl.train.edge.config import load_export_config
 
     out = root / f"artefact_{name}"
     return load_export_config(
@@ -191,7 +191,7 @@ def run_pipeline(cfg: PipelineConfig, accept_drop: bool = False) -> int:
             f"train.output_dir={out}",
         ]
         chain.stages["pretrain"] = {"dir": str(out)}
-        if not chain.command("pretrain", "train.pretrain", [cfg.pretrain.recipe, *args]):
+        if not chain.command("pretrain", "vitssl.train.pretrain", [cfg.pretrain.recipe, *args]):
             return chain.finish(_stage_exit(chain))
         encoder = str(out)
     if cfg.evaluate.enabled:
@@ -204,14 +204,14 @@ def run_pipeline(cfg: PipelineConfig, accept_drop: bool = False) -> int:
             f"output_dir={out}",
         ]
         chain.stages["evaluate"] = {"dir": str(out)}
-        if not chain.command("evaluate", "train.evaluate", args):
+        if not chain.command("evaluate", "vitssl.train.evaluate", args):
             return chain.finish(_stage_exit(chain))
     student = ""
     if cfg.distil.enabled:
         out = root / "distil"
         args = _fill(cfg.distil.overrides, out=str(out), root=str(root), encoder=encoder)
         chain.stages["distil"] = {"dir": str(out)}
-        if not chain.command("distil", "train.distil", [cfg.distil.recipe, *args]):
+        if not chain.command("distil", "vitssl.train.distil", [cfg.distil.recipe, *args]):
             return chain.finish(_stage_exit(chain))
         student = (cfg.distil.result or "{out}").format(out=out, root=root, encoder=encoder)
         chain.stages["distil"]["student"] = student

@@ -4,10 +4,10 @@
 scale, mean/std, channel order, layout, background for transparency). It is stored in the
 model file's metadata and ``preprocess.json``; the artefact's ``infer.py`` applies it with
 its ``decode`` / ``preprocess``, and the export's certifying evaluation
-(:func:`train.edge.data.load_images`) calls those same two functions, so the accuracy the
+(:func:`vitssl.train.edge.data.load_images`) calls those same two functions, so the accuracy the
 report certifies is that of the tensors a device running ``infer.py`` computes.
 
-It follows the project's eval transform (``data_pipelines.transforms``, preset ``eval``):
+It follows the project's eval transform (``vitssl.data_pipelines.transforms``, preset ``eval``):
 shorter side to ``round(size / 0.875)`` (bicubic, antialiased), centre crop, ImageNet
 mean/std. The two differ only by the decoders (Pillow's libjpeg with the accurate IDCT and
 fancy upsampling vs libjpeg-turbo's fast IDCT in the training loader) and by the rounding of

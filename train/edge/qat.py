@@ -9,10 +9,10 @@ robust to rounding, are exported and quantized again by ONNX Runtime.
 
 Two ways to run it:
 
-* :func:`qat_finetune`, a short loop over in-memory images used by ``train.edge_export`` when
+* :func:`qat_finetune`, a short loop over in-memory images used by ``vitssl.train.edge_export`` when
   post-training quantization loses more than the accepted drop (seconds on a CPU; the
   images are the calibration / bank images already decoded);
-* ``models.methods.qat``, the same loss as a method of the project's trainer
+* ``vitssl.models.methods.qat``, the same loss as a method of the project's trainer
   (``method.name = "qat"``, DeepSpeed, shards, checkpoints): it distils the FP32 encoder of
   ``method.init`` into its fake-quant copy (1 - cosine of the embeddings).
 """
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.fake_quant import distill_loss, prepare, strip
+from vitssl.models.fake_quant import distill_loss, prepare, strip
 
 
 def qat_finetune(

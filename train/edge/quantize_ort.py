@@ -4,7 +4,7 @@ Per-channel symmetric INT8 weights, symmetric activations (``ActivationSymmetric
 QDQ (default) or QOperator format, S8S8 (default) or U8S8, calibrated with MinMax, Entropy
 or Percentile on images through the eval preprocessing. ``quant_pre_process`` (symbolic
 shape inference and graph optimisation) runs first. Layers that quantization hurts can be
-kept in float with ``exclude`` (ORT's ``nodes_to_exclude``; see ``train.edge.sensitivity``),
+kept in float with ``exclude`` (ORT's ``nodes_to_exclude``; see ``vitssl.train.edge.sensitivity``),
 and so is a classifier head by default (``float_outputs``).
 """
 

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.edge import artefact, quantize_ort, sensitivity
-from train.edge.config import ExportConfig
-from train.edge.data import ImageSet, load_images
-from train.edge.onnx_export import export_onnx, export_torchscript, load_inference_model
-from train.edge.quantize_ort import QuantSettings, float_nodes, quantize_int8
-from train.edge.verify import report_markdown, verify
+from vitssl.train.edge import artefact, quantize_ort, sensitivity
+from vitssl.train.edge.config import ExportConfig
+from vitssl.train.edge.data import ImageSet, load_images
+from vitssl.train.edge.onnx_export import export_onnx, export_torchscript, load_inference_model
+from vitssl.train.edge.quantize_ort import QuantSettings, float_nodes, quantize_int8
+from vitssl.train.edge.verify import report_markdown, verify
 
 log = logging.getLogger(__name__)
 EXIT_DROP = 3
@@ -221,7 +221,7 @@ def _meta(
 
 
 def _recover_with_qat(cfg, model, img_size, kind, calib, val, train, settings, out, before):
-    from train.edge.qat import qat_finetune
+    from vitssl.train.edge.qat import qat_finetune
 
     pool = train if train is not None else calib
     labels = pool.labels if kind == "logits" else None
@@ -265,8 +265,8 @@ def _recover_with_qat(cfg, model, img_size, kind, calib, val, train, settings, o
 
 
 def _pt2e(model, calib, val, train, kind, img_size) -> dict[str, Any]:
-    from train.edge.quantize_pt2e import quantize_pt2e, run_torch
-    from train.edge.verify import predictions
+    from vitssl.train.edge.quantize_pt2e import quantize_pt2e, run_torch
+    from vitssl.train.edge.verify import predictions
 
     def acc(m: nn.Module) -> tuple[float, Any]:
         out = run_torch(m, val.images)

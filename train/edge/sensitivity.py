@@ -21,9 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from train.edge.onnx_export import ort_session, run_onnx
-from train.edge.quantize_ort import QuantSettings, preprocess, quantizable_nodes, quantize_int8
-from train.edge.verify import _mean_cosine
+from vitssl.train.edge.onnx_export import ort_session, run_onnx
+from vitssl.train.edge.quantize_ort import (
+    QuantSettings,
+    preprocess,
+    quantizable_nodes,
+    quantize_int8,
+)
+from vitssl.train.edge.verify import _mean_cosine
 
 MODES = ("alone", "excluded")
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.edge.data import ImageSet
+from vitssl.train.edge.data import ImageSet
 
 RUNTIMES = ("onnxruntime", "openvino")
 
@@ -88,7 +88,7 @@ def predictions(
         return outputs_val.argmax(axis=1)
     if bank is None or bank_labels is None:
         raise ValueError("k-NN predictions need a bank and its labels")
-    from train.evaluation.knn import topk_neighbours, vote
+    from vitssl.train.evaluation.knn import topk_neighbours, vote
 
     classes = num_classes or int(bank_labels.max()) + 1
     sims, idx = topk_neighbours(
@@ -100,7 +100,7 @@ def predictions(
 
 def run_model(path: Path, images: np.ndarray, runtime: str = "onnxruntime", batch: int = 64):
     """Outputs ``(N, ...)`` of a model file over ``images (N, 3, S, S)`` on ``runtime``."""
-    from train.edge.infer import Runner
+    from vitssl.train.edge.infer import Runner
 
     run = Runner(Path(path), runtime, threads=0).run
     outs = [
@@ -147,7 +147,7 @@ def latency_ms(
 ) -> dict[str, float]:
     """Median and spread of ``repeats`` runs at one batch size (random input) on ``runtime``
     (``onnxruntime`` or ``openvino``, through the artefact's own ``infer.Runner``)."""
-    from train.edge.infer import Runner
+    from vitssl.train.edge.infer import Runner
 
     run = Runner(Path(path), runtime, threads).run
     x = np.random.default_rng(0).standard_normal((batch, 3, img_size, img_size), np.float32)

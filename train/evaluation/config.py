@@ -1,7 +1,7 @@
 """Typed configuration of the frozen-encoder evaluations (k-NN, linear, label efficiency,
 pictures). Recipes are TOML files (``train/recipes/eval_*.toml``) plus dotted overrides,
-built with ``train.config.build_dataclass``: unknown keys and bad values are refused.
-Fine-tuning is a training run and uses :class:`train.config.RunConfig` instead.
+built with ``vitssl.train.config.build_dataclass``: unknown keys and bad values are refused.
+Fine-tuning is a training run and uses :class:`vitssl.train.config.RunConfig` instead.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from train.config import ConfigError, build_dataclass, load_raw
+from vitssl.train.config import ConfigError, build_dataclass, load_raw
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""Any weights -> a frozen backbone for evaluation: what ``train.weights`` resolves, or a
+"""Any weights -> a frozen backbone for evaluation: what ``vitssl.train.weights`` resolves, or a
 random init.
 
-An encoder spec is whatever :func:`train.weights.resolve_weights` accepts (run directory,
+An encoder spec is whatever :func:`vitssl.train.weights.resolve_weights` accepts (run directory,
 checkpoint, exported ``encoder.safetensors``, ...) or ``random:<timm_name>``: a randomly
 initialised backbone of that name (``img_size`` and ``patch_size`` from the caller).
 ``pixels`` is no network: the normalised image flattened to ``3 * img_size**2`` numbers (the
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.backbones import create_backbone
-from train.config import ModelSection
-from train.weights import check_arch, model_config, resolve_weights
+from vitssl.models.backbones import create_backbone
+from vitssl.train.config import ModelSection
+from vitssl.train.weights import check_arch, model_config, resolve_weights
 
 RANDOM_PREFIX = "random:"
 PIXELS = "pixels"

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_pipelines.labelled import LabelledReader
-from models.backbones import embed
-from models.distributed import world_size
+from vitssl.data_pipelines.labelled import LabelledReader
+from vitssl.models.backbones import embed
+from vitssl.models.distributed import world_size
 
 POOLS = ("cls", "avg")
 

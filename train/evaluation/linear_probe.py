@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.evaluation.config import LinearSection
-from train.evaluation.knn import topk_accuracy
+from vitssl.train.evaluation.config import LinearSection
+from vitssl.train.evaluation.knn import topk_accuracy
 
 
 def make_head(kind: str, dim: int, num_classes: int) -> nn.Module:
@@ -54,7 +54,7 @@ def _optimizer(heads: MultiHead, s: LinearSection) -> tuple[torch.optim.Optimize
     ]
     if s.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=peaks[0], momentum=0.9), peaks
-    from train.lars import LARS
+    from vitssl.train.lars import LARS
 
     return LARS(groups, lr=peaks[0]), peaks
 

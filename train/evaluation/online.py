@@ -15,9 +15,9 @@ import warnings
 import torch
 from torch import nn
 
-from data_pipelines.labelled import NO_LABELS, LabelledReader, has_labels
-from train.evaluation.features import extract_features
-from train.evaluation.knn import knn_classify
+from vitssl.data_pipelines.labelled import NO_LABELS, LabelledReader, has_labels
+from vitssl.train.evaluation.features import extract_features
+from vitssl.train.evaluation.knn import knn_classify
 
 QUERY_EVERY = 5
 
@@ -67,7 +67,7 @@ class OnlineKNN:
             self._check_labels()
             if not self.enabled:
                 return None
-        from models import distributed
+        from vitssl.models import distributed
 
         rank, size = distributed.rank(), distributed.world_size()
         reader = LabelledReader(

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.methods.mae import denormalize
+from vitssl.models.methods.mae import denormalize
 
 
 def _pyplot() -> Any:
@@ -96,11 +96,11 @@ def neighbour_grid(
 
 def mae_reconstructions(run_or_ckpt: str, imgs: torch.Tensor) -> torch.Tensor | None:
     """MAE's (original, masked, reconstruction) grid ``(3, H, W)``; None for other methods."""
-    from models.pretrained import load_strict
-    from models.registry import create_method
-    from train.checkpoint import read_meta
-    from train.config import config_from_dict
-    from train.weights import consolidated_state_dict, resolve_checkpoint
+    from vitssl.models.pretrained import load_strict
+    from vitssl.models.registry import create_method
+    from vitssl.train.checkpoint import read_meta
+    from vitssl.train.config import config_from_dict
+    from vitssl.train.weights import consolidated_state_dict, resolve_checkpoint
 
     path = Path(run_or_ckpt)
     if not path.is_dir():

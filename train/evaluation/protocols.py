@@ -2,7 +2,7 @@
 
 Feature extraction is split across ranks (any launcher that sets ``RANK``/``WORLD_SIZE`` or
 Slurm's variables); probes and files run on rank 0. Fine-tuning trains through
-``train.trainer.run`` and then scores the final checkpoint on ``data.val_shards``.
+``vitssl.train.trainer.run`` and then scores the final checkpoint on ``data.val_shards``.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_pipelines.labelled import NO_LABELS, LabelledReader, has_labels, open_source
-from models.distributed import rank, world_size
-from train.evaluation.config import EvalConfig
-from train.evaluation.encoders import PIXELS, Encoder, load_encoder
-from train.evaluation.features import Features, extract_features, run_model
-from train.evaluation.knn import knn_classify, topk_accuracy
-from train.evaluation.label_subsets import stratified_subset
-from train.evaluation.linear_probe import train_probe, train_probe_on_the_fly
-from train.evaluation.results import markdown_table, write_results
+from vitssl.data_pipelines.labelled import NO_LABELS, LabelledReader, has_labels, open_source
+from vitssl.models.distributed import rank, world_size
+from vitssl.train.evaluation.config import EvalConfig
+from vitssl.train.evaluation.encoders import PIXELS, Encoder, load_encoder
+from vitssl.train.evaluation.features import Features, extract_features, run_model
+from vitssl.train.evaluation.knn import knn_classify, topk_accuracy
+from vitssl.train.evaluation.label_subsets import stratified_subset
+from vitssl.train.evaluation.linear_probe import train_probe, train_probe_on_the_fly
+from vitssl.train.evaluation.results import markdown_table, write_results
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,7 +34,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def init_eval_distributed() -> torch.device:
     """Join the process group when launched with several ranks; the device of this rank."""
-    from train.dist_env import apply_dist_env, resolve_dist_env
+    from vitssl.train.dist_env import apply_dist_env, resolve_dist_env
 
     env = resolve_dist_env(os.environ)
     cuda = torch.cuda.is_available()
@@ -225,9 +225,9 @@ def run_linear(cfg: EvalConfig) -> list[dict[str, Any]]:
 
 def _linear_on_the_fly(s: Session, name: str, val: Features) -> dict[str, Any]:
     """Heads on augmented images (RandomResizedCrop + flip, the ``mae`` preset) every epoch."""
-    from data_pipelines.loader import build_loader
-    from data_pipelines.transforms import build_transform
-    from models.backbones import embed, embed_dim
+    from vitssl.data_pipelines.loader import build_loader
+    from vitssl.data_pipelines.transforms import build_transform
+    from vitssl.models.backbones import embed, embed_dim
 
     enc = s.encoders[name]
     d = s.cfg.data
@@ -307,7 +307,7 @@ def run_label_efficiency(cfg: EvalConfig) -> list[dict[str, Any]]:
 def _plot_label_efficiency(rows: list[dict[str, Any]], path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    from train.evaluation.pictures import _pyplot, save_figure
+    from vitssl.train.evaluation.pictures import _pyplot, save_figure
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -335,8 +335,8 @@ def run_pictures(cfg: EvalConfig) -> list[dict[str, Any]]:
     from torch.utils.tensorboard import SummaryWriter
     from torchvision.utils import save_image
 
-    from train.evaluation.knn import topk_neighbours
-    from train.evaluation.pictures import (
+    from vitssl.train.evaluation.knn import topk_neighbours
+    from vitssl.train.evaluation.pictures import (
         embedding_plot,
         mae_reconstructions,
         neighbour_grid,
@@ -414,11 +414,11 @@ def check_finetune(cfg: Any) -> None:
 
 
 def run_finetune(cfg: Any) -> int:
-    """Train with ``train.trainer.run``, then top-1/top-5 of the final weights on val."""
-    from models.pretrained import load_strict
-    from models.registry import create_method
-    from train.trainer import init_distributed, run
-    from train.weights import consolidated_state_dict, resolve_checkpoint
+    """Train with ``vitssl.train.trainer.run``, then top-1/top-5 of the final weights on val."""
+    from vitssl.models.pretrained import load_strict
+    from vitssl.models.registry import create_method
+    from vitssl.train.trainer import init_distributed, run
+    from vitssl.train.weights import consolidated_state_dict, resolve_checkpoint
 
     check_finetune(cfg)
     code = run(cfg)

@@ -34,7 +34,7 @@ def write_results(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write both files (rank 0 only); ``rows`` are the table's lines (one per encoder/setting)."""
-    from train.checkpoint import code_version
+    from vitssl.train.checkpoint import code_version
 
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {

@@ -9,6 +9,7 @@
 # int8_cifar10.sh (scheme chosen by measurement) and train.edge.bench_students.
 # Usage (repository root): train/evidence/distil_cifar10.sh
 #   [TEACHER=runs/... STEPS=300 STUDENTS="resnet18 mobilenetv2_100 ..." LIMIT=10000]
+# EXTRA="key=value ..." appends overrides to every run (e.g. EXTRA=train.precision=bf16).
 set -u
 PY=${PY:-.venv/bin/python}
 STEPS=${STEPS:-300}
@@ -23,20 +24,20 @@ COMMON="data.train_shards=data/cifar10/train train.steps=$STEPS train.micro_batc
 ENCODERS="--encoder teacher=$TEACHER"
 for s in $STUDENTS; do
   start=$(date +%s)
-  $PY -m train.distil distil_vit_tiny_to_mnv3_cifar $COMMON model.name=$s method.teacher=$TEACHER \
+  $PY -m vitssl.train.distil distil_vit_tiny_to_mnv3_cifar $COMMON model.name=$s method.teacher=$TEACHER \
     method.teacher_pool=cls method.w_patch=0 method.teacher_center=0.9 \
-    train.output_dir=$OUT/distil_$s > $OUT/distil_$s.log 2>&1
+    ${EXTRA:-} train.output_dir=$OUT/distil_$s > $OUT/distil_$s.log 2>&1
   echo "distil $s rc=$? $(( $(date +%s) - start ))s" | tee -a $OUT/summary.txt
   ENCODERS="$ENCODERS --encoder $s=$OUT/distil_$s"
 done
 if [ -n "${SIMCLR_BASELINE:-}" ]; then
   s=${STUDENTS%% *}
-  $PY -m train.pretrain simclr_vit_tiny_cifar $COMMON model.name=$s model.cifar_stem=true \
-    train.output_dir=$OUT/simclr_$s > $OUT/simclr_$s.log 2>&1
+  $PY -m vitssl.train.pretrain simclr_vit_tiny_cifar $COMMON model.name=$s model.cifar_stem=true \
+    ${EXTRA:-} train.output_dir=$OUT/simclr_$s > $OUT/simclr_$s.log 2>&1
   echo "simclr_$s rc=$?" | tee -a $OUT/summary.txt
   ENCODERS="$ENCODERS --encoder simclr_$s=$OUT/simclr_$s"
 fi
-$PY -m train.distil_report $ENCODERS --train data/cifar10/train --val data/cifar10/val \
+$PY -m vitssl.train.distil_report $ENCODERS --train data/cifar10/train --val data/cifar10/val \
   --limit $LIMIT --threads 1 --out $OUT/distil_report > $OUT/distil_report.log 2>&1
 echo "distil_report rc=$?" | tee -a $OUT/summary.txt
 cat $OUT/distil_report/distil_report.md | tee -a $OUT/summary.txt

@@ -14,7 +14,7 @@ STUDENTS=${STUDENTS:-resnet18 mobilenetv2_100 efficientnet_lite0 mobilenetv4_con
 BANK=${BANK:-10000}
 VAL=${VAL:-0}
 for s in $STUDENTS; do
-  $PY -m train.edge_export artefact export_default model.checkpoint=$OUT/distil_$s \
+  $PY -m vitssl.train.edge_export artefact export_default model.checkpoint=$OUT/distil_$s \
     'data.train=data/cifar10/train/train-{000000..000008}.tar' \
     data.val=data/cifar10/val/val-000000.tar data.bank_limit=$BANK data.val_limit=$VAL \
     qat.enabled=false output_dir=$OUT/int8_$s "$@" 2>&1 | tee $OUT/int8_$s.log

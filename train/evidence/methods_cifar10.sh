@@ -38,11 +38,11 @@ for m in ${METHODS:-simclr mocov3 byol simsiam dino mae}; do
     *) echo "unknown method $m" >&2; exit 2;;
   esac
   start=$(date +%s)
-  $PY -m train.pretrain $R $COMMON $X ${EXTRA:-} train.output_dir=$OUT/$m > $OUT/$m.log 2>&1
+  $PY -m vitssl.train.pretrain $R $COMMON $X ${EXTRA:-} train.output_dir=$OUT/$m > $OUT/$m.log 2>&1
   rc=$?
   echo "$m pretrain rc=$rc $(( $(date +%s) - start ))s" | tee -a $OUT/summary.txt
   [ $rc -eq 0 ] || continue
-  $PY -m train.evaluate knn eval_cifar10 encoder.checkpoint=$OUT/$m output_dir=$OUT/eval_$m \
+  $PY -m vitssl.train.evaluate knn eval_cifar10 encoder.checkpoint=$OUT/$m output_dir=$OUT/eval_$m \
      encoder.pool=$POOL data.train_limit=$BANK data.val_limit=$QUERIES > $OUT/$m.eval.log 2>&1
   echo "$m eval rc=$?" | tee -a $OUT/summary.txt
   tail -3 $OUT/$m.eval.log | head -2 | tee -a $OUT/summary.txt

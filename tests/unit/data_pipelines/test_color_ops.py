@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as F
 
-from data_pipelines import color_ops as G
+from vitssl.data_pipelines import color_ops as G
 
 
 def images(batch: int = 3, size: int = 24, device: str = "cpu") -> torch.Tensor:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.decode import decode_image, decode_pixels
-from data_pipelines.device_augment import DeviceViews, decode_batch
-from data_pipelines.loader import build_loader
-from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from vitssl.data_pipelines.decode import decode_image, decode_pixels
+from vitssl.data_pipelines.device_augment import DeviceViews, decode_batch
+from vitssl.data_pipelines.loader import build_loader
+from vitssl.data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 
 LOW = (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD) - 1e-4
 HIGH = (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD) + 1e-4

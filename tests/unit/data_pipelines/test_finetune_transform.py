@@ -13,8 +13,8 @@ from timm.data import create_transform
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 
-from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
-from train.config import ConfigError, load_config
+from vitssl.data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from vitssl.train.config import ConfigError, load_config
 
 
 def _image() -> Image.Image:

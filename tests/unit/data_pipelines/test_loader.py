@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipelines.loader import TooManySkips, build_loader, expand_shards, read_index
-from data_pipelines.slots import shard_order
-from data_pipelines.transforms import build_transform
+from vitssl.data_pipelines.loader import TooManySkips, build_loader, expand_shards, read_index
+from vitssl.data_pipelines.slots import shard_order
+from vitssl.data_pipelines.transforms import build_transform
 
 
 def first_pixel(img) -> list:  # a cheap transform: one view of the top-left 4x4 pixels
@@ -98,7 +98,7 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_batches(
 ) -> None:
     """What the trainer does with data.uint8_views: uint8 (B, 3, H, W) batches from the
     workers, normalised by model_input, equal the float batches (geometry-only preset)."""
-    from data_pipelines.transforms import model_input
+    from vitssl.data_pipelines.transforms import model_input
 
     _, f32 = load(id_shards, transform=build_transform("mae", 16), num_workers=2)
     _, u8 = load(id_shards, transform=build_transform("mae", 16, uint8=True), num_workers=2)

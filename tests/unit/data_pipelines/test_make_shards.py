@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.make_shards import assign_shards, main, parse_bytes, verify_shards
-from data_pipelines.tar_samples import read_samples
+from vitssl.data_pipelines.make_shards import assign_shards, main, parse_bytes, verify_shards
+from vitssl.data_pipelines.tar_samples import read_samples
 
 
 def save_image(path: Path, seed: int, size: tuple[int, int] = (40, 30), fmt: str = "JPEG") -> None:

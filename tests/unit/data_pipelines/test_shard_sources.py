@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipelines.loader import build_loader
-from data_pipelines.make_shards import write_shards
-from data_pipelines.shard_index import (
+from tests.shard_servers import http_server, s3_server
+from vitssl.data_pipelines.loader import build_loader
+from vitssl.data_pipelines.make_shards import write_shards
+from vitssl.data_pipelines.shard_index import (
     INDEX_NAME,
     WIDS_INDEX_NAME,
     expand_shards,
     read_index,
     wids_index,
 )
-from data_pipelines.tar_samples import iter_members, read_samples
-from tests.shard_servers import http_server, s3_server
+from vitssl.data_pipelines.tar_samples import iter_members, read_samples
 
 
 def make_tar(fmt: int) -> bytes:
@@ -183,7 +183,7 @@ def test_s3_shards_equal_local_and_resume(served: Path) -> None:
 
 
 def test_make_shards_writes_a_wids_index_with_the_counts(tmp_path: Path, kit) -> None:
-    from data_pipelines.make_shards import SourceItem
+    from vitssl.data_pipelines.make_shards import SourceItem
 
     images = tmp_path / "img"
     images.mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipelines.synthetic import CLASSES, main, write_default_dataset
+from vitssl.data_pipelines.synthetic import CLASSES, main, write_default_dataset
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from data_pipelines.tar_samples import BLOCK, iter_members, read_samples
+from vitssl.data_pipelines.tar_samples import BLOCK, iter_members, read_samples
 
 
 def make_tar(fmt: int, seed: int = 0) -> bytes:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.decode import CorruptSample, decode_image
-from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, PRESETS, build_transform
+from vitssl.data_pipelines.decode import CorruptSample, decode_image
+from vitssl.data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, PRESETS, build_transform
 
 
 def photo(width: int, height: int, seed: int = 0, block: int = 8) -> Image.Image:
@@ -102,7 +102,7 @@ def test_corrupt_bytes_raise_corrupt_sample() -> None:
 
 
 def test_covering_reduction_keeps_every_crop_at_least_its_output_size() -> None:
-    from data_pipelines.decode import covering_reduction
+    from vitssl.data_pipelines.decode import covering_reduction
 
     # (crop h, crop w, output): the largest r in 8, 4, 2, 1 with h // r and w // r >= output
     assert covering_reduction([(900, 1000, 224)]) == 4  # 900 // 4 = 225; 900 // 8 = 112
@@ -117,8 +117,8 @@ def test_from_bytes_equals_the_full_size_decode_up_to_resampling(name: str, size
     """Same draws as on the full-size image; decoded at the reduction that covers the crops."""
     from unittest import mock
 
-    import data_pipelines.transforms as transforms
-    from data_pipelines.decode import decode_pixels
+    import vitssl.data_pipelines.transforms as transforms
+    from vitssl.data_pipelines.decode import decode_pixels
 
     data = encode(photo(640, 480, seed=4, block=40))  # detail at the scale of the crops
     kw = {"local_crops": 2, "local_crop_size": 24} if name == "dino" else {}
@@ -152,7 +152,7 @@ def test_from_bytes_equals_the_full_size_decode_up_to_resampling(name: str, size
 
 
 def test_uint8_views_normalised_by_model_input_equal_the_float_views() -> None:
-    from data_pipelines.transforms import model_input
+    from vitssl.data_pipelines.transforms import model_input
 
     data = encode(photo(120, 90, seed=2))
     for name in ("mae", "eval", "simclr"):
@@ -174,7 +174,7 @@ def test_uint8_views_normalised_by_model_input_equal_the_float_views() -> None:
 def test_resized_crop_is_torchvisions_bit_for_bit_in_channels_last() -> None:
     import torchvision.transforms.v2.functional as F
 
-    from data_pipelines.transforms import BICUBIC, resized_crop
+    from vitssl.data_pipelines.transforms import BICUBIC, resized_crop
 
     gen = torch.Generator().manual_seed(0)
     for trial in range(20):

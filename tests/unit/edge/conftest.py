@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from data_pipelines.synthetic import write_default_dataset
+from vitssl.data_pipelines.synthetic import write_default_dataset
 
 
 class ToyCNN(nn.Module):
@@ -52,7 +52,7 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def toy_model(toy_data: dict[str, str]) -> ToyCNN:
     """Trained for 800 one-cycle steps (a few seconds): ~65 % on the held-out shapes (chance
     10 %), with margins wide enough that INT8 rounding flips few predictions."""
-    from train.edge.data import load_images
+    from vitssl.train.edge.data import load_images
 
     train = load_images(toy_data["train"], 32)
     torch.set_num_threads(1)  # the CI machine is shared: one thread is the fastest here

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from train.edge import infer
-from train.edge.onnx_export import InferenceModel, export_onnx
-from train.edge.preprocessing import deployment_spec
+from vitssl.train.edge import infer
+from vitssl.train.edge.onnx_export import InferenceModel, export_onnx
+from vitssl.train.edge.preprocessing import deployment_spec
 
 SPEC = deployment_spec(32)
 INFER = Path(infer.__file__)
@@ -99,7 +99,7 @@ def model_file(tmp_path_factory):
     )
     folder = tmp_path_factory.mktemp("lone")
     path = export_onnx(InferenceModel(net), folder / "m.onnx", 32, exporter="torchscript").path
-    from train.edge.artefact import write_metadata
+    from vitssl.train.edge.artefact import write_metadata
 
     write_metadata(path, {"preprocess": json.dumps(SPEC), "embedding_dim": "4"})
     return path

@@ -8,8 +8,8 @@ import pytest
 import timm
 import torch
 
-from models.vit import create_vit
-from train.edge.onnx_export import InferenceModel, export_onnx, export_torchscript
+from vitssl.models.vit import create_vit
+from vitssl.train.edge.onnx_export import InferenceModel, export_onnx, export_torchscript
 
 
 def _ort(path, x: np.ndarray) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_onnx_fp32_matches_pytorch_with_dynamic_batch(arch, tmp_path):
 
 
 def test_onnx_check_refuses_a_wrong_export(tmp_path):
-    from train.edge.onnx_export import check_onnx
+    from vitssl.train.edge.onnx_export import check_onnx
 
     model = InferenceModel(timm.create_model("mobilenetv3_small_050", num_classes=0))
     export_onnx(model, tmp_path / "m.onnx", 32, exporter="torchscript", check=False)
@@ -62,7 +62,7 @@ def test_fp32_check_tolerance_follows_the_output_scale(tmp_path):
     relative to the scale, while a wrong model is still refused."""
     import numpy as np
 
-    from train.edge.onnx_export import check_onnx, tolerance
+    from vitssl.train.edge.onnx_export import check_onnx, tolerance
 
     assert tolerance(np.array([[-30.0, 2.0]]), 1e-4) == pytest.approx(3e-3)
     assert tolerance(np.array([[0.01]]), 1e-4) == pytest.approx(1e-4)  # scale at least 1

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import fake_quant
-from train.edge import qat
-from train.edge.data import load_images
-from train.edge.onnx_export import export_onnx
-from train.edge.sensitivity import scan, write_report
+from vitssl.models import fake_quant
+from vitssl.train.edge import qat
+from vitssl.train.edge.data import load_images
+from vitssl.train.edge.onnx_export import export_onnx
+from vitssl.train.edge.sensitivity import scan, write_report
 
 
 def test_fake_quant_weight_is_per_channel_symmetric_int8():
@@ -59,14 +59,14 @@ def test_sensitivity_scan_ranks_nodes(toy_data, toy_model, tmp_path):
 
 
 def test_qat_method_trains_a_fake_quant_copy_against_a_frozen_outside_teacher():
-    """models.methods.qat: the FP32 teacher is not a submodule (no optimizer, no ZeRO-3
+    """vitssl.models.methods.qat: the FP32 teacher is not a submodule (no optimizer, no ZeRO-3
     partitioning, not in checkpoints) and stays bit-identical; the loss is 1 - cos."""
     import torch.nn.functional as F
 
-    from models.backbones import create_backbone, embed
-    from models.fake_quant import FakeQuantConv2d
-    from models.methods.qat import QATConfig, QATMethod
-    from train.config import ModelSection
+    from vitssl.models.backbones import create_backbone, embed
+    from vitssl.models.fake_quant import FakeQuantConv2d
+    from vitssl.models.methods.qat import QATConfig, QATMethod
+    from vitssl.train.config import ModelSection
 
     torch.manual_seed(0)
     cfg = ModelSection(name="vit_tiny_patch16_224", img_size=16, patch_size=4)
@@ -99,9 +99,9 @@ def test_qat_and_export_run_on_a_frozen_checkpoint_loaded_encoder(toy_data, tmp_
 
     from safetensors.torch import save_file
 
-    from models.backbones import create_backbone
-    from train.config import ModelSection
-    from train.edge.onnx_export import load_inference_model
+    from vitssl.models.backbones import create_backbone
+    from vitssl.train.config import ModelSection
+    from vitssl.train.edge.onnx_export import load_inference_model
 
     arch = ModelSection(name="mobilenetv3_small_050", img_size=32, cifar_stem=True)
     torch.manual_seed(0)

@@ -9,11 +9,11 @@ import onnx
 import pytest
 import torch
 
-from train.config import ConfigError
-from train.edge.config import ExportConfig, load_export_config
-from train.edge.data import load_images
-from train.edge.onnx_export import ort_session, run_onnx
-from train.edge.run import run_export
+from vitssl.train.config import ConfigError
+from vitssl.train.edge.config import ExportConfig, load_export_config
+from vitssl.train.edge.data import load_images
+from vitssl.train.edge.onnx_export import ort_session, run_onnx
+from vitssl.train.edge.run import run_export
 
 
 def _cfg(toy_data, out, **over) -> ExportConfig:
@@ -85,13 +85,13 @@ def test_int8_artefact_accuracy_within_threshold(artefact, toy_data, toy_model):
     assert report["passed"] == bool(agreement >= 95.0)
     assert report["size_ratio"] > 2.0
     # the scheme was chosen by measurement among the recipe's three
-    from train.edge.verify import VerifySettings, choose
+    from vitssl.train.edge.verify import VerifySettings, choose
 
     assert set(report["schemes"]) == {"u8s8", "s8s8", "u8s8_rr"}
     settings = VerifySettings(min_agreement=95.0, min_speedup=0)
     assert report["scheme"] == choose(report["schemes"], "logits", settings)
     # the model file describes itself
-    from train.edge.infer import META_KEYS
+    from vitssl.train.edge.infer import META_KEYS
 
     props = onnx.load(str(out / "model.int8.onnx")).metadata_props
     meta = {e.key: json.loads(e.value) for e in props if e.key in META_KEYS}
@@ -141,8 +141,8 @@ def test_export_config_refuses_unknown_keys_and_bad_values():
 
 
 def test_calibration_methods_and_formats_all_run(toy_data, toy_model, tmp_path):
-    from train.edge.onnx_export import export_onnx
-    from train.edge.quantize_ort import QuantSettings, quantize_int8
+    from vitssl.train.edge.onnx_export import export_onnx
+    from vitssl.train.edge.quantize_ort import QuantSettings, quantize_int8
 
     fp32 = export_onnx(toy_model, tmp_path / "m.onnx", 32, exporter="torchscript").path
     calib = load_images(toy_data["train"], 32, limit=16).images
@@ -161,8 +161,8 @@ def test_reduce_range_keeps_weights_in_seven_bits(toy_data, toy_model, tmp_path)
     computes what the FP32 one does; without it the weights use the full int8 range."""
     from onnx import numpy_helper
 
-    from train.edge.onnx_export import export_onnx
-    from train.edge.quantize_ort import QuantSettings, quantize_int8
+    from vitssl.train.edge.onnx_export import export_onnx
+    from vitssl.train.edge.quantize_ort import QuantSettings, quantize_int8
 
     fp32 = export_onnx(toy_model, tmp_path / "m.onnx", 32, exporter="torchscript").path
     calib = load_images(toy_data["train"], 32, limit=16).images
@@ -186,8 +186,8 @@ def test_reduce_range_keeps_weights_in_seven_bits(toy_data, toy_model, tmp_path)
 def test_output_nodes_walk_back_through_activations_and_pooling(tmp_path):
     from torch import nn
 
-    from train.edge.onnx_export import export_onnx
-    from train.edge.quantize_ort import output_nodes
+    from vitssl.train.edge.onnx_export import export_onnx
+    from vitssl.train.edge.quantize_ort import output_nodes
 
     # conv -> relu -> conv (a conv_head, as MobileNetV3 has) -> hardswish -> pool -> flatten
     model = nn.Sequential(

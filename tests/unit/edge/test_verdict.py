@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.edge.verify import VerifySettings, checks, choose
+from vitssl.train.edge.verify import VerifySettings, checks, choose
 
 
 def _lat(ms: float) -> dict[str, float]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.backbones import create_backbone
-from train.config import ModelSection
+from vitssl.models.backbones import create_backbone
+from vitssl.train.config import ModelSection
 
 TINY_VIT = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8}
 
@@ -18,7 +18,7 @@ TINY_VIT = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8}
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default shape classes: 30 train (3 per class, 2 shards) and 20 val images."""
-    from data_pipelines.synthetic import write_default_dataset
+    from vitssl.data_pipelines.synthetic import write_default_dataset
 
     out = tmp_path_factory.mktemp("shapes")
     write_default_dataset(out, train_per_class=3, val_per_class=2, img_size=32, shard_size=16)

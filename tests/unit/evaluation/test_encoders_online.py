@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipelines.labelled import LabelledReader
 from tests.unit.evaluation.conftest import TINY_VIT, train_spec, val_spec
-from train.config import ConfigError
-from train.evaluation.config import load_eval_config
-from train.evaluation.encoders import load_encoder
-from train.evaluation.features import extract_features
-from train.evaluation.knn import knn_classify
-from train.evaluation.online import QUERY_EVERY, OnlineKNN
+from vitssl.data_pipelines.labelled import LabelledReader
+from vitssl.train.config import ConfigError
+from vitssl.train.evaluation.config import load_eval_config
+from vitssl.train.evaluation.encoders import load_encoder
+from vitssl.train.evaluation.features import extract_features
+from vitssl.train.evaluation.knn import knn_classify
+from vitssl.train.evaluation.online import QUERY_EVERY, OnlineKNN
 
 
 def test_export_loads_its_weights(export: Path) -> None:

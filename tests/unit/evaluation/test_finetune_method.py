@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.methods.base import StepContext
-from models.methods.finetune import Finetune, FinetuneConfig, build_finetune
 from tests.unit.evaluation.conftest import TINY_VIT
-from train.config import ConfigError, ModelSection, build_dataclass
+from vitssl.models.methods.base import StepContext
+from vitssl.models.methods.finetune import Finetune, FinetuneConfig, build_finetune
+from vitssl.train.config import ConfigError, ModelSection, build_dataclass
 
 
 def mae_lrd_scale(name: str, num_layers: int, decay: float) -> float:

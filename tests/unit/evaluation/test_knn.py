@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train.evaluation.knn import knn_classify, topk_accuracy, topk_neighbours, vote
+from vitssl.train.evaluation.knn import knn_classify, topk_accuracy, topk_neighbours, vote
 
 
 def reference_scores(

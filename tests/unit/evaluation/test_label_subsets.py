@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.evaluation.label_subsets import stratified_subset
+from vitssl.train.evaluation.label_subsets import stratified_subset
 
 
 @pytest.fixture

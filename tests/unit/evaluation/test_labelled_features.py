@@ -12,12 +12,12 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from data_pipelines.decode import decode_pixels
-from data_pipelines.labelled import LabelledReader, batches_per_rank, rank_range
-from data_pipelines.transforms import build_transform
 from tests.unit.evaluation.conftest import train_spec, val_spec
-from train.evaluation.encoders import load_encoder
-from train.evaluation.features import extract_features
+from vitssl.data_pipelines.decode import decode_pixels
+from vitssl.data_pipelines.labelled import LabelledReader, batches_per_rank, rank_range
+from vitssl.data_pipelines.transforms import build_transform
+from vitssl.train.evaluation.encoders import load_encoder
+from vitssl.train.evaluation.features import extract_features
 
 
 def _all_raw(root: Path) -> list[tuple[bytes, int]]:

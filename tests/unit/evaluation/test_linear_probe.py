@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from train.evaluation.config import LinearSection
-from train.evaluation.linear_probe import lr_factor, train_probe
+from vitssl.train.evaluation.config import LinearSection
+from vitssl.train.evaluation.linear_probe import lr_factor, train_probe
 
 
 def _task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.labelled import LabelledReader
 from tests.unit.evaluation.conftest import train_spec, val_spec
-from train.evaluation.config import load_eval_config
-from train.evaluation.encoders import load_encoder
-from train.evaluation.protocols import run_knn
+from vitssl.data_pipelines.labelled import LabelledReader
+from vitssl.train.evaluation.config import load_eval_config
+from vitssl.train.evaluation.encoders import load_encoder
+from vitssl.train.evaluation.protocols import run_knn
 
 
 def _images(spec: str) -> tuple[np.ndarray, np.ndarray]:

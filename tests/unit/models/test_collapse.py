@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.collapse import (
+from vitssl.models.collapse import (
     alignment,
     collapse_metrics,
     collapse_warning,

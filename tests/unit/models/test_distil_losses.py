@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.distill_losses import (
+from vitssl.models.distill_losses import (
     EmbeddingQueue,
     feature_loss,
     logit_loss,

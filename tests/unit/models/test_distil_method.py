@@ -12,19 +12,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from models.backbones import create_backbone
-from models.distill_losses import feature_loss, logit_loss, patch_loss, relational_loss
-from models.methods.distil import (
+from vitssl.models.backbones import create_backbone
+from vitssl.models.distill_losses import feature_loss, logit_loss, patch_loss, relational_loss
+from vitssl.models.methods.distil import (
     CACHE_FEATURES,
     CACHE_META,
     DistilConfig,
     TeacherCache,
     build_distil,
 )
-from models.students import STUDENTS, apply_cifar_stem, student_shape
-from models.vit import create_vit
-from train.config import ConfigError, ModelSection, config_from_dict
-from train.weights import load_teacher, method_weights
+from vitssl.models.students import STUDENTS, apply_cifar_stem, student_shape
+from vitssl.models.vit import create_vit
+from vitssl.train.config import ConfigError, ModelSection, config_from_dict
+from vitssl.train.weights import load_teacher, method_weights
 
 STUDENT = ModelSection(name="mobilenetv3_small_100", img_size=32, patch_size=8, cifar_stem=True)
 TEACHER_ARCH = {"img_size": 32, "patch_size": 8, "num_classes": 0}
@@ -241,10 +241,10 @@ def test_config_mistakes_are_one_line_errors(kw: dict, message: str) -> None:
 
 def test_loader_sample_id_is_the_position_in_the_shard_index(tmp_path: Path) -> None:
     """Cached features are keyed by batch["sample_id"]: the row the evaluation reader numbers."""
-    from data_pipelines.labelled import LabelledReader
-    from data_pipelines.loader import build_loader
-    from data_pipelines.synthetic import write_default_dataset
-    from data_pipelines.transforms import build_transform
+    from vitssl.data_pipelines.labelled import LabelledReader
+    from vitssl.data_pipelines.loader import build_loader
+    from vitssl.data_pipelines.synthetic import write_default_dataset
+    from vitssl.data_pipelines.transforms import build_transform
 
     write_default_dataset(tmp_path, train_per_class=3, val_per_class=1, img_size=32, shard_size=8)
     shards = ",".join(sorted(str(p) for p in (tmp_path / "train").glob("*.tar")))

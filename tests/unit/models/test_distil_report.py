@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from train.distil_report import cpu_latency_ms, forward_flops, report
+from vitssl.train.distil_report import cpu_latency_ms, forward_flops, report
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def _export(out: Path, model: nn.Module, spec: dict) -> Path:
 
 
 def test_report_rows_and_files(tmp_path: Path) -> None:
-    from data_pipelines.synthetic import write_default_dataset
+    from vitssl.data_pipelines.synthetic import write_default_dataset
 
     write_default_dataset(tmp_path / "data", train_per_class=3, val_per_class=2, img_size=32)
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import ema
-from models.ema import EMATeacher, cosine_momentum, update_ema
+from vitssl.models import ema
+from vitssl.models.ema import EMATeacher, cosine_momentum, update_ema
 
 
 def _net() -> nn.Module:

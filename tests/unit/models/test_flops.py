@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.flops import mae_forward_flops
-from models.methods.mae import MAE, MAEConfig
-from models.vit import create_vit
+from vitssl.models.flops import mae_forward_flops
+from vitssl.models.methods.mae import MAE, MAEConfig
+from vitssl.models.vit import create_vit
 
 
 def _explicit_attention(model: torch.nn.Module) -> None:

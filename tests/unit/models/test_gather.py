@@ -13,9 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from models.distributed import all_reduce_mean_, gather_with_grad
-from models.heads import SyncBatchNorm, maybe_sync_batchnorm
-from models.losses import info_nce_loss, nt_xent_loss, sinkhorn_knopp
+from vitssl.models.distributed import all_reduce_mean_, gather_with_grad
+from vitssl.models.heads import SyncBatchNorm, maybe_sync_batchnorm
+from vitssl.models.losses import info_nce_loss, nt_xent_loss, sinkhorn_knopp
 
 WORLD, B, D_IN, D = 2, 3, 5, 4
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.heads import DINOHead, SyncBatchNorm, maybe_sync_batchnorm, projection_mlp
+from vitssl.models.heads import DINOHead, SyncBatchNorm, maybe_sync_batchnorm, projection_mlp
 
 
 def test_projection_mlp_layout() -> None:

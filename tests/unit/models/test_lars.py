@@ -10,8 +10,8 @@ import torch
 from timm.optim import Lars
 from torch import nn
 
-from train.lars import LARS
-from train.optim import build_optimizer
+from vitssl.train.lars import LARS
+from vitssl.train.optim import build_optimizer
 
 
 def _params() -> tuple[nn.Parameter, nn.Parameter]:
@@ -111,7 +111,7 @@ def test_timm_lars_is_not_the_ssl_papers_lars() -> None:
 
 def test_optimizers_update_bf16_parameters() -> None:
     """Ours computes in float32; timm's LAMB keeps bf16 moments (within bf16's resolution).
-    The trainer runs both in fp32 only (train.config.validate_cross)."""
+    The trainer runs both in fp32 only (vitssl.train.config.validate_cross)."""
     makers = {
         "lars": (lambda ps: LARS(ps, lr=0.5, trust_coefficient=1.0), 0.0),
         "lamb": (lambda ps: _lamb(ps, 0.5), 2**-7),

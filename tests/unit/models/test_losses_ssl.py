@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import (
+from vitssl.models.losses import (
     dino_loss,
     info_nce_loss,
     negative_cosine_loss,

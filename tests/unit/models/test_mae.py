@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.methods.mae import (
+from vitssl.models.methods.mae import (
     MAE,
     MAEConfig,
     build_mae,
@@ -23,10 +23,10 @@ from models.methods.mae import (
     random_masking,
     unpatchify,
 )
-from models.pos_embed import sincos_2d
-from models.vit import create_vit, forward_tokens
-from train.config import ModelSection
-from train.mae_reference import ReferenceMAE, sincos_2d_reference
+from vitssl.models.pos_embed import sincos_2d
+from vitssl.models.vit import create_vit, forward_tokens
+from vitssl.train.config import ModelSection
+from vitssl.train.mae_reference import ReferenceMAE, sincos_2d_reference
 
 
 @pytest.mark.parametrize("dim,grid", [(192, 8), (64, 4), (768, 14)])
@@ -197,7 +197,7 @@ def test_initialisation_is_the_official_one_layer_by_layer() -> None:
 def test_masked_vit_is_a_timm_vit_with_the_same_state_dict() -> None:
     import timm
 
-    from models.vit import MaskedViT
+    from vitssl.models.vit import MaskedViT
 
     vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8).eval()
     assert isinstance(vit, MaskedViT)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from models.ema import EMATeacher, FrozenModules, cosine_momentum
-from models.methods.base import EMAMethod, Method, StepContext
-from models.methods.byol import BYOL
-from models.methods.dino import DINO
-from models.methods.mocov3 import MoCoV3
-from models.registry import method_config_class
-from train.config import ConfigError, config_from_dict
+from vitssl.models.ema import EMATeacher, FrozenModules, cosine_momentum
+from vitssl.models.methods.base import EMAMethod, Method, StepContext
+from vitssl.models.methods.byol import BYOL
+from vitssl.models.methods.dino import DINO
+from vitssl.models.methods.mocov3 import MoCoV3
+from vitssl.models.registry import method_config_class
+from vitssl.train.config import ConfigError, config_from_dict
 
 ROOT = Path(__file__).resolve().parents[3]
 CTX = StepContext(step=2, total_steps=10, steps_per_epoch=5)

@@ -10,16 +10,16 @@ import pytest
 import timm
 import torch
 
-from models.collapse import collapse_metrics
-from models.ema import cosine_momentum
-from models.methods.base import Method, StepContext
-from models.methods.byol import BYOLConfig, build_byol
-from models.methods.dino import DINOConfig, build_dino, teacher_temperature
-from models.methods.mocov3 import MoCoV3Config, build_mocov3
-from models.methods.simclr import SimCLRConfig, build_simclr
-from models.methods.simsiam import SimSiamConfig, build_simsiam
-from models.registry import create_method
-from train.config import ConfigError, ModelSection, config_from_dict
+from vitssl.models.collapse import collapse_metrics
+from vitssl.models.ema import cosine_momentum
+from vitssl.models.methods.base import Method, StepContext
+from vitssl.models.methods.byol import BYOLConfig, build_byol
+from vitssl.models.methods.dino import DINOConfig, build_dino, teacher_temperature
+from vitssl.models.methods.mocov3 import MoCoV3Config, build_mocov3
+from vitssl.models.methods.simclr import SimCLRConfig, build_simclr
+from vitssl.models.methods.simsiam import SimSiamConfig, build_simsiam
+from vitssl.models.registry import create_method
+from vitssl.train.config import ConfigError, ModelSection, config_from_dict
 
 VIT = ModelSection(name="vit_tiny_patch16_224", img_size=32, patch_size=8)
 RESNET = ModelSection(name="resnet18", img_size=8, patch_size=4, cifar_stem=True)
@@ -138,8 +138,8 @@ def test_after_step_moves_teacher_by_cosine_momentum(name: str) -> None:
 
 
 def test_simclr_loss_is_nt_xent_of_its_projections() -> None:
-    from models.backbones import embed
-    from models.losses import nt_xent_loss
+    from vitssl.models.backbones import embed
+    from vitssl.models.losses import nt_xent_loss
 
     method = _build("simclr", VIT)
     views = _views("simclr", 32)
@@ -151,7 +151,7 @@ def test_simclr_loss_is_nt_xent_of_its_projections() -> None:
 def test_byol_and_simsiam_losses_follow_the_formulas() -> None:
     import torch.nn.functional as F
 
-    from models.backbones import embed
+    from vitssl.models.backbones import embed
 
     byol = _build("byol", VIT)
     x1, x2 = _views("byol", 32)
@@ -176,7 +176,7 @@ def test_byol_and_simsiam_losses_follow_the_formulas() -> None:
 def test_mocov3_queue_takes_the_keys_of_the_first_view() -> None:
     import torch.nn.functional as F
 
-    from models.backbones import embed
+    from vitssl.models.backbones import embed
 
     method = _build("mocov3", VIT)
     x1, x2 = _views("mocov3", 32)
@@ -218,7 +218,7 @@ def test_dino_last_layer_frozen_in_first_epoch_then_trained() -> None:
 
 
 def test_dino_center_and_teacher_temperature() -> None:
-    from models.backbones import embed
+    from vitssl.models.backbones import embed
 
     cfg = DINOConfig(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3)
     assert teacher_temperature(cfg, 0) == pytest.approx(0.04)
@@ -237,8 +237,8 @@ def test_dino_center_and_teacher_temperature() -> None:
 
 
 def test_dino_sinkhorn_centering_gives_balanced_teacher_targets() -> None:
-    from models.backbones import embed
-    from models.losses import dino_loss, sinkhorn_knopp
+    from vitssl.models.backbones import embed
+    from vitssl.models.losses import dino_loss, sinkhorn_knopp
 
     method = _build("dino", VIT, centering="sinkhorn_knopp", teacher_temp=0.05)
     method.teacher_temp = 0.05
@@ -292,7 +292,7 @@ def _embed_resampled(vit: Any, imgs: torch.Tensor) -> torch.Tensor:
 
 
 def test_dino_embeds_local_crops_of_another_size() -> None:
-    from models.backbones import embed
+    from vitssl.models.backbones import embed
 
     method = _build("dino", VIT).eval()
     small = torch.randn(2, 3, 16, 16)

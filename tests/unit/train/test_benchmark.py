@@ -1,4 +1,4 @@
-"""train.benchmark: the reference side trains, and the table reports per-round ratios."""
+"""vitssl.train.benchmark: the reference side trains, and the table reports per-round ratios."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import statistics
 
 import torch
 
-from models.pos_embed import sincos_2d
-from train.benchmark import MAESetup, report
-from train.mae_reference import ReferenceMAE, sincos_2d_reference
+from vitssl.models.pos_embed import sincos_2d
+from vitssl.train.benchmark import MAESetup, report
+from vitssl.train.mae_reference import ReferenceMAE, sincos_2d_reference
 
 
 def test_reference_sincos_is_ours() -> None:

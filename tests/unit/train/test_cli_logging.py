@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from train import cli
+from vitssl.train import cli
 
 
 def _record(level: int) -> logging.LogRecord:
@@ -28,7 +28,7 @@ def test_setup_logging_prints_plain_lines_on_stdout(monkeypatch, capsys) -> None
     monkeypatch.setattr(root, "handlers", [])  # as in a fresh process
     try:
         cli.setup_logging()
-        logging.getLogger("train.evaluation.protocols").info("extracting val features")
+        logging.getLogger("vitssl.train.evaluation.protocols").info("extracting val features")
         logging.getLogger("timm.models").info("a third-party progress line")
         logging.getLogger("timm.models").warning("a third-party warning")
         out = capsys.readouterr().out

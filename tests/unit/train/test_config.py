@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import (
+from vitssl.train.config import (
     RECIPES_DIR,
     ConfigError,
     RunConfig,
@@ -17,7 +17,7 @@ from train.config import (
     load_config,
     save_config,
 )
-from train.ds_config import DS_CONFIGS_DIR, build_ds_config, check_ds_config
+from vitssl.train.ds_config import DS_CONFIGS_DIR, build_ds_config, check_ds_config
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -32,7 +32,7 @@ TRAINING_RECIPES = sorted(
 def test_every_recipe_builds_with_every_preset(recipe: str) -> None:
     """Every preset builds, or (LARS, per-parameter clipping: zero0 + fp32 only) is refused
     in one line; the DeepSpeed batch is the run plan's at 8 ranks."""
-    from train.run_plan import apply_run_plan, resolve_run_plan
+    from vitssl.train.run_plan import apply_run_plan, resolve_run_plan
 
     for preset in sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json")):
         try:
@@ -120,7 +120,7 @@ def test_cli_refuses_bad_key_before_any_process_group(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "train.pretrain",
+            "vitssl.train.pretrain",
             "mae_vit_tiny_demo",
             "optim.lr=1",
             f"train.output_dir={tmp_path}/run",

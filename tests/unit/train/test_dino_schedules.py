@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.methods.base import StepContext
-from models.methods.dino import DINOConfig, teacher_temperature
-from train.config import ConfigError, load_config
-from train.optim import build_optimizer, clip_per_parameter_
-from train.run_plan import set_weight_decay, weight_decay_at
+from vitssl.models.methods.base import StepContext
+from vitssl.models.methods.dino import DINOConfig, teacher_temperature
+from vitssl.train.config import ConfigError, load_config
+from vitssl.train.optim import build_optimizer, clip_per_parameter_
+from vitssl.train.run_plan import set_weight_decay, weight_decay_at
 
 
 @pytest.mark.parametrize("warmup", [1, 2, 30])
@@ -28,8 +28,8 @@ def test_teacher_temperature_is_dinos_per_epoch_linspace(warmup: int) -> None:
 
 
 def test_dino_method_holds_the_temperature_within_an_epoch() -> None:
-    from models.registry import create_method
-    from train.config import ModelSection
+    from vitssl.models.registry import create_method
+    from vitssl.train.config import ModelSection
 
     cfg = DINOConfig(
         out_dim=16,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import train.ds_config as ds_config
-from train.config import ConfigError, load_config
+import vitssl.train.ds_config as ds_config
+from vitssl.train.config import ConfigError, load_config
 
 MONITORS = {
     "tensorboard": {"enabled": True, "output_path": "runs/ds_tb", "job_name": "pretrain"},

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train import gpu_check
+from vitssl.train import gpu_check
 
 
 @pytest.mark.slow

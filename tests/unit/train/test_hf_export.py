@@ -10,8 +10,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from train.hf_export import write_hf_export
-from train.weight_formats import build_model, load_external
+from vitssl.train.hf_export import write_hf_export
+from vitssl.train.weight_formats import build_model, load_external
 
 CONFIG = {
     "model": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8},

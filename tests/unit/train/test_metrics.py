@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.metrics import RunLogger, StepMetrics, truncate_jsonl
+from vitssl.train.metrics import RunLogger, StepMetrics, truncate_jsonl
 
 
 def _steps(path: Path) -> list[int]:

@@ -11,10 +11,10 @@ import math
 
 import pytest
 
-from data_pipelines.transforms import build_transform
-from models.ema import cosine_momentum
-from train.config import RunConfig, load_config
-from train.run_plan import RunPlan, resolve_run_plan
+from vitssl.data_pipelines.transforms import build_transform
+from vitssl.models.ema import cosine_momentum
+from vitssl.train.config import RunConfig, load_config
+from vitssl.train.run_plan import RunPlan, resolve_run_plan
 
 IN1K = 1_281_167
 

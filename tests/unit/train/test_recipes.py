@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import RECIPES_DIR, ConfigError, load_config, load_raw
+from vitssl.train.config import RECIPES_DIR, ConfigError, load_config, load_raw
 
 SNAPSHOTS = Path(__file__).with_name("recipe_snapshots.json")
 

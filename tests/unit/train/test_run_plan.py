@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, load_config
-from train.run_plan import apply_run_plan, plan_run, resolve_run_plan
-from train.schedules import warmup_cosine
+from vitssl.train.config import ConfigError, load_config
+from vitssl.train.run_plan import apply_run_plan, plan_run, resolve_run_plan
+from vitssl.train.schedules import warmup_cosine
 
 IN1K = 1_281_167
 MAE = [
@@ -67,7 +67,7 @@ def test_run_length_is_required() -> None:
 
 
 def test_plan_is_printed_saved_and_applied(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from data_pipelines.synthetic import write_default_dataset
+    from vitssl.data_pipelines.synthetic import write_default_dataset
 
     write_default_dataset(
         tmp_path / "d", train_per_class=4, val_per_class=1, img_size=32, shard_size=100

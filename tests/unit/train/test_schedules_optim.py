@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from models.registry import create_method
-from train.config import load_config
-from train.schedules import warmup_cosine
+from vitssl.models.registry import create_method
+from vitssl.train.config import load_config
+from vitssl.train.schedules import warmup_cosine
 
 
 def test_warmup_then_cosine() -> None:

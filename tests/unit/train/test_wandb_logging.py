@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.metrics import RunLogger
+from vitssl.train.metrics import RunLogger
 
 wandb = pytest.importorskip("wandb", reason="needs wandb (extra 'wandb')")
 

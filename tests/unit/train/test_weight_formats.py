@@ -16,7 +16,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from train.weight_formats import build_model, load_external, model_fields
+from vitssl.train.weight_formats import build_model, load_external, model_fields
 
 KW = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2)  # head dim 64
 
@@ -184,9 +184,9 @@ def test_resolver_takes_official_checkpoints_for_init_teacher_and_evaluation(
     tmp_path: Path,
 ) -> None:
     """``method.init=``/``method.teacher=``/``encoder.checkpoint=`` go through
-    ``train.weights.resolve_weights``, which hands unknown files to these converters."""
-    from train.config import ModelSection
-    from train.weights import resolve_weights
+    ``vitssl.train.weights.resolve_weights``, which hands unknown files to these converters."""
+    from vitssl.train.config import ModelSection
+    from vitssl.train.weights import resolve_weights
 
     torch.manual_seed(5)
     source = timm.create_model(
@@ -205,9 +205,9 @@ def test_resolver_takes_official_checkpoints_for_init_teacher_and_evaluation(
 def test_model_init_starts_mae_from_an_official_checkpoint(tmp_path: Path) -> None:
     """``model.init=<official MAE file>``: the pretraining backbone starts from those weights
     (the same features as the source model), and methods with a teacher refuse it."""
-    from models.registry import create_method
-    from train.config import ConfigError, config_from_dict
-    from train.weights import init_backbone
+    from vitssl.models.registry import create_method
+    from vitssl.train.config import ConfigError, config_from_dict
+    from vitssl.train.weights import init_backbone
 
     torch.manual_seed(6)
     source = timm.create_model(

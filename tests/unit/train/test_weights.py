@@ -1,4 +1,4 @@
-"""train.weights: every kind of user weights resolves to a backbone state dict and its
+"""vitssl.train.weights: every kind of user weights resolves to a backbone state dict and its
 architecture, weights-only; anything else is one line."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.backbones import create_backbone
-from train.checkpoint import load_weights_only
-from train.config import ModelSection
-from train.weights import method_weights, resolve_weights
+from vitssl.models.backbones import create_backbone
+from vitssl.train.checkpoint import load_weights_only
+from vitssl.train.config import ModelSection
+from vitssl.train.weights import method_weights, resolve_weights
 
 ARCH = ModelSection(name="vit_tiny_patch16_224", img_size=32, patch_size=8)
 
@@ -101,8 +101,8 @@ def test_unknown_inputs_fall_through_to_one_line(tmp_path: Path) -> None:
 def test_method_weights_resolves_only_declared_non_empty_fields(
     tmp_path: Path, state: dict[str, torch.Tensor]
 ) -> None:
-    from models.methods.finetune import FinetuneConfig
-    from models.registry import create_method
+    from vitssl.models.methods.finetune import FinetuneConfig
+    from vitssl.models.registry import create_method
 
     weights = _export(tmp_path / "export", state)
     assert method_weights(FinetuneConfig(init=""), ARCH) == {}
