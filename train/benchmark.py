@@ -11,11 +11,14 @@ times (the table gives each round and the median of the per-round ratios):
 
 * **reference**: the official MAE model code transcribed eagerly (``train.mae_reference``),
   the same configuration, bf16 autocast and ``torch.optim.AdamW`` with the same decay
-  groups, no DeepSpeed: what ``main_pretrain.py`` of facebookresearch/mae runs.
+  groups, no DeepSpeed: what ``main_pretrain.py`` of facebookresearch/mae runs. Its
+  attention is timm's Block as installed today (SDPA; ``--reference-attention math`` gives
+  the matmul + softmax of the timm 0.3.2 that the MAE repository pins).
 * **project**: what ``python -m vitssl.train.pretrain`` runs: the method from the registry, the
-  config's speed switches (``train.compile`` as the recipe sets it, or ``--compile on|off``)
-  and the DeepSpeed engine of
-  :func:`build_engine` with the config's precision and ZeRO preset.
+  config's speed switches (``train.compile`` as the recipe sets it, or ``--compile on|off``;
+  ``model.attention``, whose ``auto`` picks matmul + softmax on CPUs: PyTorch's CPU SDPA
+  backward costs about 14x its forward at these sizes, half the step in torch.profiler)
+  and the DeepSpeed engine of :func:`build_engine` with the config's precision and ZeRO preset.
 
 Images/s are wall-clock; ``CPU s/img`` is the process's CPU time per image (all threads),
 steadier than wall time on a shared machine. MFU = achieved model FLOP/s / peak: model
@@ -83,6 +86,11 @@ class MAESetup:
     compile: bool | None = None
     """``train.compile``; None: the recipe's value (what ``vitssl.train.pretrain`` does)."""
     grad_checkpointing: bool = False
+    attention: str = "auto"
+    """``model.attention`` of the project (auto: math attention on CPUs, SDPA on GPUs)."""
+    reference_attention: str = "fused"
+    """The reference's attention: ``fused`` is what timm's Block does today (SDPA);
+    ``math`` is the matmul + softmax of the timm 0.3.2 that the official repository pins."""
 
     def config(self) -> RunConfig:
         overrides = [
@@ -96,6 +104,7 @@ class MAESetup:
             f"train.precision={self.precision}",
             f"train.zero={self.zero}",
             f"model.grad_checkpointing={str(self.grad_checkpointing).lower()}",
+            f"model.attention={self.attention}",
         ]
         if self.compile is not None:
             overrides.append(f"train.compile={str(self.compile).lower()}")
@@ -138,6 +147,7 @@ class MAESetup:
 
     def reference_step(self) -> Step:
         """One eager step of the official MAE code with the same sizes and optimizer."""
+        from vitssl.models.speed import set_fused_attention
         from vitssl.train.mae_reference import ReferenceMAE
 
         device = _device()
@@ -157,6 +167,7 @@ class MAESetup:
             self.decoder_heads,
             norm_pix_loss=True,
         ).to(device)
+        set_fused_attention(ref, self.reference_attention == "fused")
         decay = [p for n, p in ref.named_parameters() if p.requires_grad and p.ndim > 1]
         rest = [p for n, p in ref.named_parameters() if p.requires_grad and p.ndim <= 1]
         groups = [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}]
@@ -215,7 +226,8 @@ def report(setup: MAESetup, runs: dict[str, list], peak: float) -> str:
     lines = [
         f"MAE {setup.model} @ {setup.img_size}px/p{setup.patch_size}, decoder "
         f"{setup.decoder_dim}x{setup.decoder_depth}, batch {setup.batch}, {setup.precision}, "
-        f"{setup.zero}, compile {setup.config().train.compile}, "
+        f"{setup.zero}, compile {setup.config().train.compile}, attention: project "
+        f"{setup.attention}, reference {setup.reference_attention}, "
         f"{torch.get_num_threads()} threads, "
         f"{platform.processor() or 'cpu'}, {date.today()}",
         "",
@@ -267,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         "--compile", choices=["on", "off"], help="train.compile (default: the recipe's value)"
     )
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--attention", choices=["auto", "fused", "math"], default=d.attention)
+    p.add_argument(
+        "--reference-attention",
+        choices=["fused", "math"],
+        default=d.reference_attention,
+        help="fused: timm's Block today (SDPA); math: timm 0.3.2, as the MAE repository pins",
+    )
     p.add_argument("--no-reference", action="store_true", help="time the project only")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="skip the matmul measurement")
@@ -285,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         zero=args.zero,
         compile=None if args.compile is None else args.compile == "on",
         grad_checkpointing=args.grad_checkpointing,
+        attention=args.attention,
+        reference_attention=args.reference_attention,
     )
     if args.no_reference:
         ours, fwd = setup.project_step()

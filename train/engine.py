@@ -41,9 +41,18 @@ class BuiltEngine:
     """The training precision's dtype."""
 
 
-def apply_speed_switches(method: Method, cfg: RunConfig) -> None:
-    from vitssl.models.speed import compile_blocks, fuse_layernorms, to_channels_last
+def apply_speed_switches(method: Method, cfg: RunConfig, device: torch.device) -> None:
+    from vitssl.models.speed import (
+        compile_blocks,
+        fuse_layernorms,
+        set_fused_attention,
+        to_channels_last,
+    )
 
+    attention = cfg.model.attention
+    if attention == "auto":
+        attention = "math" if device.type == "cpu" else "fused"
+    set_fused_attention(method, attention == "fused")
     if cfg.model.fused_layernorm:
         fuse_layernorms(method)
     if cfg.model.channels_last:
@@ -67,7 +76,7 @@ def build_engine(
     import deepspeed
 
     ds_config = build_ds_config(cfg, world)
-    apply_speed_switches(method, cfg)
+    apply_speed_switches(method, cfg, device)
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     peak_lr = cfg.optim.peak_lr(cfg.global_batch(world))
     optimizer = build_optimizer(
