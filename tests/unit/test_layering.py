@@ -50,22 +50,26 @@ print(json.dumps({"imported": names, "train": loaded}))
     assert out["train"] == []
 
 
-def _train_imports(path: Path) -> list[int]:
-    """Line numbers of every ``import train...`` / ``from train... import`` in the file."""
-    lines = []
+def _absolute_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every absolute import in the file, function-local ones included."""
+    found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        if any(
-            n in ("train", "vitssl.train") or n.startswith(("train.", "vitssl.train."))
-            for n in names
-        ):
-            lines.append(node.lineno)
-    return lines
+            found.append((node.lineno, node.module))
+    return found
+
+
+def _train_imports(path: Path) -> list[int]:
+    """Line numbers of every ``import train...`` / ``from train... import`` in the file."""
+    return sorted(
+        {
+            line
+            for line, n in _absolute_imports(path)
+            if n in ("train", "vitssl.train") or n.startswith(("train.", "vitssl.train."))
+        }
+    )
 
 
 def test_no_new_imports_of_train_in_lower_layers() -> None:
@@ -120,17 +124,7 @@ BARE = ("train", "models", "data_pipelines", "slurm")
 
 def _bare_imports(path: Path) -> list[int]:
     """Line numbers of absolute imports of a folder by its bare name (``train.x``, ...)."""
-    lines = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        if any(n.split(".")[0] in BARE for n in names):
-            lines.append(node.lineno)
-    return lines
+    return sorted({line for line, n in _absolute_imports(path) if n.split(".")[0] in BARE})
 
 
 def test_everything_imports_through_the_vitssl_name() -> None:
