@@ -33,7 +33,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         python3 python3-venv python3-dev build-essential ninja-build git ca-certificates \
-        libaio-dev libgl1 libglib2.0-0 \
+        libaio-dev libgl1 libglib2.0-0 libjpeg-dev \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv ${VIRTUAL_ENV} \
     && pip install --upgrade pip setuptools wheel packaging

@@ -9,7 +9,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo demo-full test lint venv data clean bench gpu-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml data_pipelines/_jpeg_region.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)

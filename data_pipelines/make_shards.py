@@ -2,13 +2,18 @@
 
     python -m vitssl.data_pipelines.make_shards INPUT --out OUTDIR --prefix train \\
         [--max-samples 1000] [--max-bytes 500MB] [--resize-shorter 256 --jpeg-quality 90] \\
-        [--workers N] [--shuffle-seed S | --no-shuffle] [--verify]
+        [--restart-markers] [--workers N] [--shuffle-seed S | --no-shuffle] [--verify]
     python -m vitssl.data_pipelines.make_shards --verify-only OUTDIR
 
 INPUT: an ImageFolder (class sub-folders, names sorted -> labels), a flat folder of images
 (no labels), a CSV/TSV list (``path[,label]``, label an int or a class name; paths relative
 to the list), or a tar / tar.gz of a folder (extracted to a temporary folder; a single
 top-level folder is descended into).
+
+``--restart-markers`` (opt-in) rewrites every JPEG losslessly with a restart marker after each
+MCU (``decode.add_restart_markers``: the same pixels, ~7 % more bytes), so that the loader
+decodes only the MCUs its random crops cover: ~20 % less decode time per crop of a full-size
+photo. Without it the images are stored byte for byte as given.
 
 ``--max-bytes`` bounds the bytes of a shard's members (headers + padded data); the tar file
 adds its end-of-archive blocks, rounded up to tar's 10 KiB records.
@@ -39,7 +44,12 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from vitssl.data_pipelines.decode import CorruptSample, decode_image
+from vitssl.data_pipelines.decode import (
+    CorruptSample,
+    add_restart_markers,
+    decode_image,
+    region_decoder_available,
+)
 from vitssl.data_pipelines.shard_index import (
     INDEX_NAME,
     WIDS_INDEX_NAME,
@@ -178,12 +188,15 @@ def discover(input_path: Path, scratch: Path) -> tuple[list[SourceItem], list[st
 # ---------------------------------------------------------------- encoding and writing
 
 
-def encode_image(data: bytes, resize_shorter: int | None, quality: int) -> bytes:
-    """Original JPEG bytes (checked to decode), or a re-encoded JPEG when resizing/converting."""
+def encode_image(
+    data: bytes, resize_shorter: int | None, quality: int, restart_markers: bool = False
+) -> bytes:
+    """Original JPEG bytes (checked to decode), or a re-encoded JPEG when resizing/converting;
+    ``restart_markers``: then rewritten losslessly with a restart marker per MCU."""
     is_jpeg = data[:3] == b"\xff\xd8\xff"
     if is_jpeg and resize_shorter is None:
         decode_image(data, min_size=64)  # a cheap DCT-scaled decode catches corrupt files
-        return data
+        return add_restart_markers(data) if restart_markers else data
     img = decode_image(data, min_size=resize_shorter)
     if resize_shorter is not None and min(img.size) > resize_shorter:
         scale = resize_shorter / min(img.size)
@@ -191,7 +204,7 @@ def encode_image(data: bytes, resize_shorter: int | None, quality: int) -> bytes
         img = img.resize(size, Image.Resampling.BICUBIC)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)
-    return out.getvalue()
+    return add_restart_markers(out.getvalue()) if restart_markers else out.getvalue()
 
 
 def tar_entry_bytes(payload: int) -> int:
@@ -210,16 +223,21 @@ class ShardJob:
     resize_shorter: int | None
     quality: int
     read: Callable[[str], bytes]
+    restart_markers: bool = False
 
 
 def _load(
-    item: SourceItem, job_read: Callable[[str], bytes], resize: int | None, quality: int
+    item: SourceItem,
+    job_read: Callable[[str], bytes],
+    resize: int | None,
+    quality: int,
+    restart_markers: bool = False,
 ) -> bytes:
     try:
         data = job_read(item.path)
     except OSError as exc:
         raise CorruptSample(f"cannot read {item.path}: {exc.strerror or exc}") from exc
-    return encode_image(data, resize, quality)
+    return encode_image(data, resize, quality, restart_markers)
 
 
 def write_one_shard(job: ShardJob) -> tuple[dict, list[str]]:
@@ -230,7 +248,7 @@ def write_one_shard(job: ShardJob) -> tuple[dict, list[str]]:
         writer = wds.TarWriter(f, encoder=False, mtime=0.0)
         for item in job.items:
             try:
-                image = _load(item, job.read, job.resize_shorter, job.quality)
+                image = _load(item, job.read, job.resize_shorter, job.quality, job.restart_markers)
             except CorruptSample:
                 skipped.append(item.name)
                 continue
@@ -250,10 +268,14 @@ def write_one_shard(job: ShardJob) -> tuple[dict, list[str]]:
 
 
 def _encoded_size(
-    item: SourceItem, read: Callable[[str], bytes], resize: int | None, quality: int
+    item: SourceItem,
+    read: Callable[[str], bytes],
+    resize: int | None,
+    quality: int,
+    restart_markers: bool = False,
 ) -> int | None:
     try:
-        return len(_load(item, read, resize, quality))
+        return len(_load(item, read, resize, quality, restart_markers))
     except CorruptSample:
         return None
 
@@ -300,6 +322,7 @@ def write_shards(
     shuffle_seed: int | None = 0,
     read: Callable[[str], bytes] = read_file,
     options: dict | None = None,
+    restart_markers: bool = False,
 ) -> dict:
     """Write ``out_dir/{prefix}-%06d.tar``, ``out_dir/index.json`` and the same counts as a
     wids index (``out_dir/wids-index.json``); return the index.json content."""
@@ -319,6 +342,7 @@ def write_shards(
         sizes = [0] * len(order)
     elif (
         resize_shorter is None
+        and not restart_markers
         and read is read_file
         and all(Path(i.path).suffix.lower() in (".jpg", ".jpeg") for i in order)
     ):
@@ -328,7 +352,11 @@ def write_shards(
         ]
     else:  # re-encoded sizes are only known after encoding: a first (parallel) pass
         size_of = functools.partial(
-            _encoded_size, read=read, resize=resize_shorter, quality=jpeg_quality
+            _encoded_size,
+            read=read,
+            resize=resize_shorter,
+            quality=jpeg_quality,
+            restart_markers=restart_markers,
         )
         encoded = list(_map(size_of, order, workers))
         unreadable = [item.name for item, size in zip(order, encoded, strict=False) if size is None]
@@ -341,6 +369,7 @@ def write_shards(
             resize_shorter,
             jpeg_quality,
             read,
+            restart_markers,
         )
         for n, r in enumerate(assign_shards(sizes, max_samples, max_bytes))
     ]
@@ -463,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resize-shorter", type=int, default=None, help="downscale shorter side to N px"
     )
     p.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs")
+    p.add_argument(
+        "--restart-markers",
+        action="store_true",
+        help="rewrite JPEGs losslessly with a restart marker per MCU: faster random crops",
+    )
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes")
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the global sample shuffle")
     p.add_argument("--no-shuffle", action="store_true", help="keep the input order")
@@ -480,12 +514,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("INPUT and --out are required (or --verify-only OUTDIR)")
     if not 1 <= args.jpeg_quality <= 100:
         raise ValueError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
+    if args.restart_markers and not region_decoder_available():
+        raise ValueError(
+            "--restart-markers needs the _jpeg_region extension (a C compiler and libjpeg's"
+            " headers, e.g. apt-get install gcc libjpeg-dev, then pip install -e . again)"
+        )
     options = {
         "input": str(args.input),
         "max_samples": args.max_samples,
         "max_bytes": args.max_bytes,
         "resize_shorter": args.resize_shorter,
         "jpeg_quality": args.jpeg_quality,
+        "restart_markers": args.restart_markers,
         "shuffle_seed": None if args.no_shuffle else args.shuffle_seed,
     }
     with tempfile.TemporaryDirectory(prefix="make_shards_") as scratch:
@@ -502,6 +542,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             shuffle_seed=options["shuffle_seed"],
             options=options,
+            restart_markers=args.restart_markers,
         )
     print(f"wrote {index['num_samples']} samples in {len(index['shards'])} shards to {args.out}")
     if index["unreadable"]:

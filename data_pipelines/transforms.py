@@ -43,7 +43,13 @@ from PIL import Image
 from torch import Tensor
 
 from vitssl.data_pipelines.color_ops import ColorAugment, ColorParams
-from vitssl.data_pipelines.decode import covering_reduction, decode_pixels, jpeg_size
+from vitssl.data_pipelines.decode import (
+    Box,
+    covering_reduction,
+    decode_pixels,
+    decode_region,
+    jpeg_size,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,15 +105,22 @@ def crop_params(
 class _Draw:
     """The random parameters of one view of one image."""
 
-    box: tuple[int, int, int, int]
+    box: Box
     """(top, left, height, width) of the crop in full-size image pixels."""
     flip: bool
     colour: ColorParams | None
 
 
-def _scale_box(
-    box: tuple[int, int, int, int], sy: float, sx: float, rows: int, cols: int
-) -> tuple[int, int, int, int]:
+def _bounding_box(boxes: Sequence[Box]) -> Box:
+    """The smallest (top, left, height, width) box holding every one of ``boxes``."""
+    top = min(b[0] for b in boxes)
+    left = min(b[1] for b in boxes)
+    bottom = max(b[0] + b[2] for b in boxes)
+    right = max(b[1] + b[3] for b in boxes)
+    return top, left, bottom - top, right - left
+
+
+def _scale_box(box: Box, sy: float, sx: float, rows: int, cols: int) -> Box:
     """A crop box of the full-size image on the same image decoded at ``rows x cols``."""
     top, left, h, w = box
     if sy == 1.0 and sx == 1.0:
@@ -203,27 +216,34 @@ class ViewTransform:
             )
             return [self._normalise(F.center_crop(resized, self.eval_size), dest[0])]
         _, height, width = pixels.shape
-        return self._render(pixels, self._draw(height, width), height, width, dest)
+        draws = self._draw(height, width)
+        return self._render(pixels, draws, [d.box for d in draws], dest)
 
     def from_bytes(self, data: bytes, out: Sequence[Tensor] | None = None) -> list[Tensor]:
-        """The views of an encoded image, decoded at the smallest DCT scale that covers them.
+        """The views of an encoded image, decoded at the smallest DCT scale that covers them
+        and only over the region they cover.
 
         The random draws are made first, on the image's full size from its JPEG header, in
         the order ``__call__`` makes them (crop, flip, colour, view by view); the JPEG is then
         decoded at the largest reduction 1, 2, 4 or 8 at which every drawn crop still has
-        both sides >= its output size (``decode.covering_reduction``), and the crops are
-        mapped onto the reduced image. The views therefore equal those of the full-size
-        decode up to resampling, and do not depend on how the image was decoded.
-        Raises ``decode.CorruptSample``."""
+        both sides >= its output size (``decode.covering_reduction``), the crops are mapped
+        onto the reduced image, and only the box around them is decoded
+        (``decode.decode_region``: the same pixels as that box of a whole-image decode).
+        The views therefore equal those of the full-size decode up to resampling, and do not
+        depend on how the image was decoded. Raises ``decode.CorruptSample``."""
         size = jpeg_size(data) if self.eval_size is None else None
         if size is None:  # eval (a full-image resize: decode.py's draft rule) or not a JPEG
             return self(decode_pixels(data, self.decode_min_size), out)
         height, width = size
         draws = self._draw(height, width)
         needs = [(d.box[2], d.box[3], spec.size) for d, spec in zip(draws, self.views, strict=True)]
-        pixels = decode_pixels(data, reduction=covering_reduction(needs))
+        reduction = covering_reduction(needs)
+        rows, cols = -(-height // reduction), -(-width // reduction)  # libjpeg rounds up
+        boxes = [_scale_box(d.box, rows / height, cols / width, rows, cols) for d in draws]
+        pixels, y0, x0 = decode_region(data, reduction, _bounding_box(boxes))
+        boxes = [(top - y0, left - x0, h, w) for top, left, h, w in boxes]
         dest = list(out) if out is not None else [None] * self.num_views
-        return self._render(pixels, draws, height, width, dest)
+        return self._render(pixels, draws, boxes, dest)
 
     def _draw(self, height: int, width: int) -> list[_Draw]:
         """Every view's random parameters for an image of ``height x width``, from the
@@ -240,16 +260,15 @@ class ViewTransform:
         self,
         pixels: Tensor,
         draws: list[_Draw],
-        height: int,
-        width: int,
+        boxes: Sequence[Box],
         dest: Sequence[Tensor | None],
     ) -> list[Tensor]:
-        """The views drawn for a ``height x width`` image, cut from ``pixels`` (that image,
-        possibly decoded at a reduced size: the crop boxes are scaled onto it)."""
-        _, rows, cols = pixels.shape
+        """The views drawn, cut from ``pixels`` at ``boxes`` (the drawn crops mapped onto
+        ``pixels``, which may be a reduced or partial decode of the image)."""
         views = []
-        for spec, draw, target in zip(self.views, draws, dest, strict=True):
-            top, left, h, w = _scale_box(draw.box, rows / height, cols / width, rows, cols)
+        for spec, draw, (top, left, h, w), target in zip(
+            self.views, draws, boxes, dest, strict=True
+        ):
             view = resized_crop(pixels, top, left, h, w, spec.size)  # (3, size, size) uint8
             if draw.flip:
                 view = view.flip(-1)

@@ -233,3 +233,26 @@ def test_all_paths_missing_fails_with_one_line(
     assert "gone" in err[0]
     assert not list(out.glob("*.tar")) and not (out / "index.json").exists()
     assert "wrote 0 samples" not in captured.out
+
+
+def test_restart_markers_rewrite_losslessly(tmp_path: Path) -> None:
+    """--restart-markers (opt-in): every JPEG rewritten with a restart marker per MCU, the
+    same pixels as the original; the PNG converted as always; the option in the index."""
+    from vitssl.data_pipelines import decode
+
+    if not decode.region_decoder_available():
+        pytest.skip("the _jpeg_region extension is not built (no C compiler or libjpeg headers)")
+    make_image_folder(tmp_path / "in", {"a": 3, "b": 2})
+    save_image(tmp_path / "in" / "b" / "png.png", 9, fmt="PNG")
+    args = [str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--restart-markers"]
+    assert main([*args, "--workers", "1", "--verify"]) == 0
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["options"]["restart_markers"] is True and index["num_samples"] == 6
+    for _, key, _, data in shard_samples(tmp_path / "out"):
+        assert b"\xff\xdd\x00\x04\x00\x01" in data  # DRI: a restart interval of one MCU
+        name = key.split("_", 1)[1]
+        source = tmp_path / "in" / key.split("_")[0] / f"{name}.{'png' if name == 'png' else 'jpg'}"
+        original = np.asarray(Image.open(source).convert("RGB"))
+        pixels = np.asarray(Image.open(io.BytesIO(data)))
+        if name != "png":  # JPEG in, the same DCT coefficients out
+            assert source.read_bytes() != data and np.array_equal(pixels, original)

@@ -124,16 +124,16 @@ def test_from_bytes_equals_the_full_size_decode_up_to_resampling(name: str, size
     kw = {"local_crops": 2, "local_crop_size": 24} if name == "dino" else {}
     tf = build_transform(name, size, **kw)
     reductions = []
-    real = transforms.decode_pixels
+    real = transforms.decode_region
 
-    def spy(data: bytes, min_size: int | None = None, *, reduction: int | None = None):
+    def spy(data: bytes, reduction: int, box: tuple[int, int, int, int]):
         reductions.append(reduction)
-        return real(data, min_size, reduction=reduction)
+        return real(data, reduction, box)
 
     same, unrelated = [], []
     for seed in range(12):
         torch.manual_seed(seed)
-        with mock.patch.object(transforms, "decode_pixels", spy):
+        with mock.patch.object(transforms, "decode_region", spy):
             fast = tf.from_bytes(data)
         torch.manual_seed(seed)
         full = tf(decode_pixels(data))  # full size, the same draws
