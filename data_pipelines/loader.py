@@ -335,6 +335,8 @@ class ShardStream(IterableDataset):
                 produced += 1
                 counter.since_batch = 0
                 views, labels, positions, ids, seeds = [], [], [], [], []
+                if num_batches is not None and produced >= num_batches:
+                    break  # before pulling on: that would read ahead into the next pass
         if counter.skipped:
             counter.check(where, reason)
             log.warning(

@@ -238,3 +238,24 @@ def test_resampled_stream_is_infinite_and_deterministic(id_shards: list[Path]) -
 def test_too_few_samples_is_a_value_error(id_shards: list[Path]) -> None:
     with pytest.raises(ValueError, match="too few"):
         load(id_shards, micro_batch=100, world_size=2, num_workers=1)
+
+
+def test_an_epoch_reads_each_image_once(tmp_path: Path, kit, monkeypatch) -> None:
+    """No read-ahead into the next pass at the end of an epoch (it read up to a shuffle
+    buffer of images, 500 by default, only to drop them)."""
+    import vitssl.data_pipelines.loader as loader_module
+
+    paths = kit.write_id_shards(tmp_path, [20, 20, 20])
+    read = []
+    real = loader_module.read_samples
+
+    def counting(*args, **kwargs):
+        for i, sample in real(*args, **kwargs):
+            if sample is not None and sample.image is not None:
+                read.append(sample.key)
+            yield i, sample
+
+    monkeypatch.setattr(loader_module, "read_samples", counting)
+    bpe, batches = load(paths, shuffle_buffer=50)
+    assert len(batches) == bpe == 15  # 60 samples, batches of 4
+    assert len(read) == len(set(read)) == 60
