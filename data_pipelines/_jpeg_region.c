@@ -203,6 +203,8 @@ static int read_layout(const unsigned char *buf, size_t len, struct layout *out)
             pos++;
             continue;
         }
+        if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD9))
+            return 0; /* a marker without a length here: not a layout this cuts */
         size_t seglen = be16(buf + pos + 2);
         if (seglen < 2 || pos + 2 + seglen > len)
             return 0;
@@ -229,7 +231,7 @@ static int read_layout(const unsigned char *buf, size_t len, struct layout *out)
         } else if (marker == 0xDD) {
             dri_one = seglen == 4 && be16(seg) == 1;
         } else if (marker == 0xDA) {
-            if (!sof || !dri_one || seg[0] != ncomp || height == 0 || width == 0)
+            if (seglen < 3 || !sof || !dri_one || seg[0] != ncomp || height == 0 || width == 0)
                 return 0;
             out->sof = sof;
             out->entropy = pos + 2 + seglen;
@@ -301,6 +303,8 @@ static PyObject *decode_cropped(Py_buffer data, int reduction, int top, int left
         (unsigned int)(left + width) > cols)
         Py_RETURN_NONE; /* decode_buffer reports it */
     size_t count = (size_t)lay.mcus_per_row * lay.mcu_rows;
+    if (count > (len - lay.entropy) / 2 + 1) /* fewer bytes than restart markers: not so */
+        Py_RETURN_NONE;
     size_t *starts = PyMem_Malloc(2 * count * sizeof(size_t));
     if (starts == NULL)
         return PyErr_NoMemory();

@@ -160,3 +160,32 @@ def test_the_mcus_outside_a_region_are_never_decoded() -> None:
     assert not torch.equal(decode_pixels(garbled), decode_pixels(data))
     pixels, _, _ = decode_region(garbled, 1, (0, 0, 64, 256))
     assert torch.equal(pixels, decode_pixels(data)[:, :64])
+
+
+@needs_extension
+def test_damaged_files_raise_or_decode_but_never_crash() -> None:
+    """The C code parses untrusted bytes: flipped, cut and repeated bytes anywhere (header,
+    restart markers, entropy data) give CorruptSample or pixels of the right shape."""
+    rnd = random.Random(1)
+    sources = [jpeg(photo(96, 72, seed=5)), add_restart_markers(jpeg(photo(96, 72, seed=6)))]
+    outcomes = {"raised": 0, "decoded": 0}
+    for trial in range(300):
+        data = bytearray(sources[trial % 2])
+        for _ in range(rnd.randint(1, 4)):
+            at = rnd.randrange(2, len(data))
+            kind = rnd.random()
+            if kind < 0.5:
+                data[at] = rnd.randrange(256)
+            elif kind < 0.75:
+                del data[at : at + rnd.randint(1, 40)]
+            else:
+                data[at:at] = data[max(0, at - 30) : at]
+        box = (rnd.randrange(0, 40), rnd.randrange(0, 40), rnd.randint(1, 30), rnd.randint(1, 50))
+        try:
+            pixels, _, _ = decode_region(bytes(data), rnd.choice((1, 2)), box)
+        except (CorruptSample, IndexError):
+            outcomes["raised"] += 1
+        else:
+            assert pixels.dtype == torch.uint8 and pixels.shape[0] == 3
+            outcomes["decoded"] += 1
+    assert outcomes["raised"] > 0 and outcomes["decoded"] > 0
