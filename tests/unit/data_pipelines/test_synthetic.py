@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitssl.data_pipelines.synthetic import CLASSES, main, write_default_dataset
+from vitssl.data_pipelines.synthetic import CLASSES, STYLE, main, write_default_dataset
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
@@ -80,3 +80,17 @@ def test_cli_skips_when_up_to_date(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "train" / "index.json").stat().st_mtime_ns == stamp
     assert main([*args[:-1], "24"]) == 0  # other parameters: rewritten
     assert json.loads((tmp_path / "train" / "index.json").read_text())["options"]["img_size"] == 24
+
+
+def test_cli_rewrites_a_folder_of_another_style(tmp_path: Path, capsys) -> None:
+    args = ["--out", str(tmp_path), "--train-per-class", "2", "--val-per-class", "1"]
+    assert main(args) == 0
+    index_path = tmp_path / "train" / "index.json"
+    index = json.loads(index_path.read_text())
+    assert index["options"]["style"] == STYLE
+    del index["options"]["style"]  # a folder drawn before the style was recorded (style 1)
+    index_path.write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert json.loads(index_path.read_text())["options"]["style"] == STYLE

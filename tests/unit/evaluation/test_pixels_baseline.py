@@ -63,6 +63,7 @@ def test_pixel_knn_matches_a_hand_written_knn(shapes: Path, tmp_path: Path, spec
     preds = _knn_by_hand(bank, bank_y, q, k=5, t=0.07)
     expected = 100.0 * float(np.mean(np.array(preds) == q_y))
     assert 0.0 < expected < 100.0  # informative data: neither trivial nor hopeless
-    assert rows[name]["distance/top1"] == pytest.approx(expected, abs=1e-6)
+    # the evaluation averages in float32 (13/20 -> 64.9999976); one sample is 5 points here
+    assert rows[name]["distance/top1"] == pytest.approx(expected, abs=1e-4)
     if spec == "compare":
         assert set(rows) == {"pretrained", "pixels"}
