@@ -67,7 +67,7 @@ def test_pipeline_one_command_chain(tmp_path: Path) -> None:
     write_default_dataset(data, train_per_class=6, val_per_class=3, shard_size=100)
     root = tmp_path / "chain"
     args = ["pipeline", "export_pipeline_demo", f"output_dir={root}", *_stage_lists(data)]
-    code = main([*args, "--accept-drop"])
+    code = main([*args, "export_teacher=true", "--accept-drop"])  # the recipe: student only
     assert code == 0
 
     # every stage ran into its own folder, the student was distilled from the pretrained encoder
