@@ -15,7 +15,7 @@
  *
  * decode_region(data, reduction, top, left, height, width) -> bytearray of the box's
  * height * width RGB pixels (rows of width * 3 bytes), in the coordinates of the image
- * reduced `reduction` times. size(data, reduction) -> (height, width) after the reduction.
+ * reduced `reduction` times (whose sides are the full size's divided by it, rounded up).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,6 +41,14 @@ static void emit_message(j_common_ptr cinfo, int level) {
     if (level < 0) { /* a corrupt-data warning: treat as an error */
         error_exit(cinfo);
     }
+}
+
+/* libjpeg's error manager, with errors and corrupt-data warnings jumping to err->jump. */
+static struct jpeg_error_mgr *strict_errors(struct strict_error *err) {
+    jpeg_std_error(&err->pub);
+    err->pub.error_exit = error_exit;
+    err->pub.emit_message = emit_message;
+    return &err->pub;
 }
 
 static int check_reduction(int reduction) {
@@ -110,9 +118,7 @@ static PyObject *decode_buffer(Py_buffer data, int reduction, int top, int left,
     struct jpeg_decompress_struct cinfo;
     struct strict_error err;
     PyObject *volatile out = NULL;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = error_exit;
-    err.pub.emit_message = emit_message;
+    cinfo.err = strict_errors(&err);
     jpeg_create_decompress(&cinfo);
     if (setjmp(err.jump)) {
         jpeg_destroy_decompress(&cinfo);
@@ -370,9 +376,7 @@ static PyObject *add_restart_markers(PyObject *self, PyObject *args) {
     unsigned char *mem = NULL;
     unsigned long outsize = 0;
     volatile int dst_created = 0;
-    src.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = error_exit;
-    err.pub.emit_message = emit_message;
+    src.err = strict_errors(&err);
     jpeg_create_decompress(&src);
     if (setjmp(err.jump)) {
         if (dst_created)
@@ -416,41 +420,9 @@ static PyObject *add_restart_markers(PyObject *self, PyObject *args) {
     return result;
 }
 
-static PyObject *size(PyObject *self, PyObject *args) {
-    Py_buffer data;
-    int reduction;
-    if (!PyArg_ParseTuple(args, "y*i", &data, &reduction))
-        return NULL;
-    if (!check_reduction(reduction)) {
-        PyBuffer_Release(&data);
-        return NULL;
-    }
-    struct jpeg_decompress_struct cinfo;
-    struct strict_error err;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = error_exit;
-    err.pub.emit_message = emit_message;
-    jpeg_create_decompress(&cinfo);
-    if (setjmp(err.jump)) {
-        jpeg_destroy_decompress(&cinfo);
-        PyBuffer_Release(&data);
-        PyErr_Format(PyExc_ValueError, "corrupt JPEG: %s", err.message);
-        return NULL;
-    }
-    jpeg_mem_src(&cinfo, (const unsigned char *)data.buf, (unsigned long)data.len);
-    jpeg_read_header(&cinfo, TRUE);
-    setup(&cinfo, reduction);
-    jpeg_calc_output_dimensions(&cinfo);
-    JDIMENSION rows = cinfo.output_height, cols = cinfo.output_width;
-    jpeg_destroy_decompress(&cinfo);
-    PyBuffer_Release(&data);
-    return Py_BuildValue("(II)", rows, cols);
-}
-
 static PyMethodDef methods[] = {
     {"decode_region", decode_region, METH_VARARGS,
      "decode_region(data, reduction, top, left, height, width) -> bytearray (h, w, 3)"},
-    {"size", size, METH_VARARGS, "size(data, reduction) -> (height, width) after reduction"},
     {"add_restart_markers", add_restart_markers, METH_VARARGS,
      "add_restart_markers(data) -> the same JPEG, losslessly, with a restart marker per MCU"},
     {NULL, NULL, 0, NULL},

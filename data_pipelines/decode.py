@@ -45,6 +45,11 @@ try:
 except ImportError:  # optional (built at install when libjpeg's headers are there)
     _jpeg_region = None
 
+EXTENSION_MISSING = (
+    "the _jpeg_region extension (a C compiler and libjpeg's headers, e.g. apt-get install gcc"
+    " libjpeg-dev, then pip install -e . again)"
+)
+
 Box = tuple[int, int, int, int]
 """(top, left, height, width) of a box of image pixels."""
 
@@ -162,10 +167,7 @@ def add_restart_markers(data: bytes) -> bytes:
     decode ~5 % slower (measured on ImageNet photos; README). Raises ``CorruptSample``;
     RuntimeError without the extension."""
     if _jpeg_region is None:
-        raise RuntimeError(
-            "restart markers need the _jpeg_region extension (a C compiler and libjpeg's"
-            " headers, e.g. apt-get install gcc libjpeg-dev, then pip install -e . again)"
-        )
+        raise RuntimeError(f"restart markers need {EXTENSION_MISSING}")
     try:
         return bytes(_jpeg_region.add_restart_markers(data))
     except ValueError as exc:

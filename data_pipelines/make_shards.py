@@ -45,6 +45,7 @@ import webdataset as wds
 from PIL import Image
 
 from vitssl.data_pipelines.decode import (
+    EXTENSION_MISSING,
     CorruptSample,
     add_restart_markers,
     decode_image,
@@ -515,10 +516,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.jpeg_quality <= 100:
         raise ValueError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
     if args.restart_markers and not region_decoder_available():
-        raise ValueError(
-            "--restart-markers needs the _jpeg_region extension (a C compiler and libjpeg's"
-            " headers, e.g. apt-get install gcc libjpeg-dev, then pip install -e . again)"
-        )
+        raise ValueError(f"--restart-markers needs {EXTENSION_MISSING}")
     options = {
         "input": str(args.input),
         "max_samples": args.max_samples,
