@@ -194,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
             _compare_preset(args, preset, folder, shards, n_items)
             for preset in args.presets.split(",")
         ]
-    resized = f", resized to shorter side {args.resize_shorter}" if args.resize_shorter else ""
+    files = f", resized to shorter side {args.resize_shorter}" if args.resize_shorter else ""
     if args.restart_markers:
-        resized += ", ours with restart markers (make_shards --restart-markers)"
+        files += ", ours with restart markers (make_shards --restart-markers)"
     print(
         f"\nmedians of {args.rounds} alternating rounds ({args.workers} workers, batch"
-        f" {args.batch}, baseline batch {args.baseline_batch}, {n_items} images{resized});"
+        f" {args.batch}, baseline batch {args.baseline_batch}, {n_items} images{files});"
         " float: normalised float32 views against ToTensor + Normalize; uint8: 8-bit views"
         " (data.uint8_views, the trainer's default) against PILToTensor. Ratios: median"
         " (per round)\n"
@@ -300,7 +300,7 @@ def _prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, int]:
         max_samples=256,
         workers=args.workers,
         shuffle_seed=0,
-        restart_markers=getattr(args, "restart_markers", False),
+        restart_markers=args.restart_markers,
     )
     shards = ",".join(str(s) for s in sorted((tmp / "shards").glob("*.tar")))
     return folder, shards, len(items)
