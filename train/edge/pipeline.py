@@ -141,7 +141,7 @@ class _Chain:
             log.info(f"[pipeline] export {name} failed: {why} (traceback: {log_file})")
             return None
         code = 0 if report["passed"] else EXIT_VERIFY
-        why = "" if report["passed"] else f"INT8 accuracy drop {report['drop']:.2f} points"
+        why = "" if report["passed"] else report["verdict"]  # names every failed check
         self.results.append(StageResult(f"export {name}", code, time.time() - t0, "", why))
         return report
 

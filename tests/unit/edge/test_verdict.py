@@ -85,3 +85,17 @@ def test_verify_settings_refuse_unknown_runtimes():
         VerifySettings(runtimes=["tflite"])
     with pytest.raises(ValueError, match="twice"):
         VerifySettings(runtimes=["openvino", "openvino"])
+
+
+def test_the_pipeline_names_the_check_that_failed(tmp_path, monkeypatch):
+    """A failed export is recorded with the report's own verdict (every failed check), not
+    as an accuracy drop: here only the second runtime's drop fails."""
+    from vitssl.train.edge import pipeline, run
+
+    verdict = "FAILED: accuracy drop on openvino (points)"
+    monkeypatch.setattr(
+        run, "run_export", lambda cfg: {"passed": False, "drop": 0.2, "verdict": verdict}
+    )
+    chain = pipeline._Chain(tmp_path)
+    assert chain.export("student", None) is not None
+    assert (chain.results[-1].code, chain.results[-1].why) == (pipeline.EXIT_VERIFY, verdict)
