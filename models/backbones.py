@@ -93,7 +93,13 @@ def embed_dim(backbone: nn.Module) -> int:
 
 
 def embed(backbone: nn.Module, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:
-    """Pooled embedding ``(B, D)``: ViT class token (or patch mean), CNN global average."""
+    """Pooled embedding ``(B, D)``: ViT class token (or patch mean), CNN global average.
+
+    A ViT's pooled tokens go through its ``fc_norm``, as in timm's ``forward_head``: an
+    identity except in a model fine-tuned with ``global_pool = "avg"``, whose final norm
+    moved there (the features of k-NN, probes and exports are then the head's input)."""
     if is_vit(backbone):
-        return pool_tokens(forward_tokens(backbone, imgs), pool)  # type: ignore[arg-type]
+        pooled = pool_tokens(forward_tokens(backbone, imgs), pool)  # type: ignore[arg-type]
+        fc_norm: nn.Module = backbone.fc_norm  # type: ignore[assignment]
+        return fc_norm(pooled)  # type: ignore[no-any-return]
     return backbone(imgs)

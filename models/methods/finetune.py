@@ -133,10 +133,7 @@ class Finetune(Method):
 
     def logits(self, imgs: torch.Tensor) -> torch.Tensor:
         pool = self.cfg.global_pool if is_vit(self.backbone) else "cls"
-        feats = embed(self.backbone, imgs, pool)  # (B, D); avg: mean of un-normalised tokens
-        if self.fc_norm is not None:
-            feats = self.fc_norm(feats)
-        return self.head(feats)  # (B, C)
+        return self.head(embed(self.backbone, imgs, pool))  # (B, C); embed applies fc_norm
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         imgs, labels = batch["views"][0], batch["label"]

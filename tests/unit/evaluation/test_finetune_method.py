@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from tests.unit.evaluation.conftest import TINY_VIT
+from vitssl.models.backbones import embed
 from vitssl.models.methods.base import StepContext
 from vitssl.models.methods.finetune import Finetune, FinetuneConfig, build_finetune
 from vitssl.train.config import ConfigError, ModelSection, build_dataclass
+from vitssl.train.edge.onnx_export import InferenceModel
 
 
 def mae_lrd_scale(name: str, num_layers: int, decay: float) -> float:
@@ -104,6 +106,14 @@ def test_avg_pool_head_is_timms_fc_norm_head() -> None:
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(method.logits(x), ref(x), rtol=1e-5, atol=1e-5)
+        # the encoder's features (k-NN, probes, the ONNX export) are timm's pre-logits:
+        # the mean of the patch tokens through fc_norm, not the un-normalised mean
+        pre_logits = ref.forward_head(ref.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(
+            embed(method.backbone, x, "avg"), pre_logits, rtol=1e-5, atol=1e-5
+        )
+        exported = InferenceModel(method.backbone, method.head, pool="avg")
+        torch.testing.assert_close(exported(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_position_embedding_is_trained_with_layer_decay_and_no_weight_decay() -> None:
