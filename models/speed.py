@@ -1,5 +1,5 @@
 """Speed switches applied to a built method: attention kernel, compiled blocks, fused
-LayerNorm, channels-last.
+LayerNorm.
 
 Each is chosen by the config. timm's attention modules take a per-module ``fused_attn``
 switch: ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPUs) or
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -62,8 +61,3 @@ def fuse_layernorms(model: nn.Module) -> int:
                 setattr(parent, name, fused)
                 count += 1
     return count
-
-
-def to_channels_last(model: nn.Module) -> None:
-    """NHWC memory format for convolutional models (tensor-core friendly on GPUs)."""
-    model.to(memory_format=torch.channels_last)

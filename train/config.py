@@ -50,7 +50,11 @@ class ModelSection:
     fused_layernorm: bool = False
     """Replace LayerNorm with apex's FusedLayerNorm when apex is installed (warns otherwise)."""
     channels_last: bool = False
-    """Channels-last memory format for convolutional backbones and their inputs."""
+    """Refused (kept so that a config naming it gets a one-line reason): DeepSpeed 0.19's
+    start-up broadcast views each parameter as bytes, which fails on channels-last weights
+    in every precision and ZeRO stage; converting them after DeepSpeed's start would leave
+    ZeRO-1/2/3's flat buffers and the bf16 master copies in another layout than the
+    weights, and torch's fused AdamW silently misapplies updates across layouts."""
     attention: str = "auto"
     """ViT attention kernel: ``fused`` (``F.scaled_dot_product_attention``: flash /
     memory-efficient on GPUs), ``math`` (matmul + softmax) or ``auto``: fused on GPUs, math
@@ -379,6 +383,11 @@ def validate_cross(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.init is for methods that train one backbone (mae, simclr, simsiam); "
             f"{cfg.method.name} builds a teacher or takes method.* weights instead"
+        )
+    if cfg.model.channels_last:
+        raise ConfigError(
+            "model.channels_last is not supported: DeepSpeed 0.19 views every parameter as "
+            "bytes to broadcast it at start-up, which channels-last weights refuse"
         )
     if cfg.optim.name in ("lars", "lamb") and (
         cfg.train.zero != "zero0" or cfg.train.precision != "fp32"

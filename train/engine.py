@@ -46,7 +46,6 @@ def apply_speed_switches(method: Method, cfg: RunConfig, device: torch.device) -
         compile_blocks,
         fuse_layernorms,
         set_fused_attention,
-        to_channels_last,
     )
 
     attention = cfg.model.attention
@@ -55,8 +54,6 @@ def apply_speed_switches(method: Method, cfg: RunConfig, device: torch.device) -
     set_fused_attention(method, attention == "fused")
     if cfg.model.fused_layernorm:
         fuse_layernorms(method)
-    if cfg.model.channels_last:
-        to_channels_last(method)
     if cfg.train.compile:
         compile_blocks(method)
 

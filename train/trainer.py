@@ -221,7 +221,6 @@ def _to_device(
     batch: dict[str, Any],
     device: torch.device,
     dtype: torch.dtype,
-    channels_last: bool,
     device_views: Any = None,
 ) -> dict[str, Any]:
     """Views to the device in the training dtype (uint8 views normalised there); with
@@ -230,8 +229,7 @@ def _to_device(
     out = dict(batch)
     views = device_views(batch) if "jpeg" in batch else batch["views"]
     out.pop("jpeg", None)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out["views"] = [model_input(v, device, dtype, fmt) for v in views]  # uint8: normalised here
+    out["views"] = [model_input(v, device, dtype) for v in views]  # uint8: normalised here
     if "label" in batch:
         out["label"] = batch["label"].to(device)
     return out
@@ -419,9 +417,7 @@ class Trainer:
         for micro in range(plan.accum):
             tw = time.perf_counter()
             raw = self.batches.next()
-            batch = _to_device(
-                raw, self.device, self.built.dtype, cfg.model.channels_last, self.device_views
-            )
+            batch = _to_device(raw, self.device, self.built.dtype, self.device_views)
             self.window.wait += time.perf_counter() - tw
             torch.manual_seed(state.micro_seed(micro, self.rank))
             out = engine(batch)

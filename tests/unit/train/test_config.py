@@ -81,6 +81,7 @@ def test_overrides_are_typed_and_applied() -> None:
         ("train.steps", "is not of the form"),
         ("optim.betas=[0.9]", "optim.betas must be two numbers"),
         ("optim.name=lars", "optim.name=lars needs train.zero=zero0 and train.precision=fp32"),
+        ("model.channels_last=true", "model.channels_last is not supported: DeepSpeed 0.19"),
     ],
 )
 def test_config_errors_are_one_line(override: str, message: str) -> None:
