@@ -17,7 +17,9 @@ optimizer, teacher, RNG, :class:`TrainState`), cuts the logs back to it, replays
 up to ``s - 1`` on the same batches and seeds, skips the batch of step ``s`` (one global
 batch; the step number is not consumed) and goes on. The replay is what makes the result
 equal to an uninterrupted run that skipped that batch; the price of reading the flag late
-is the steps between ``s`` and the check, thrown away. After ``train.max_rollbacks``
+is the steps between ``s`` and the check, thrown away. A preemption found at the same check
+exits after the rollback; ``checkpoints/rollback.json`` makes the requeued run skip the same
+batch and count the rollback. After ``train.max_rollbacks``
 rollbacks the run stops with a one-line message and :data:`EXIT_DIVERGED`.
 """
 
@@ -193,7 +195,8 @@ class TrainState:
     """Rollbacks after a non-finite step so far (not restored by a rollback)."""
     skip_at: set[int] = field(default_factory=set)
     """Steps whose batch is skipped when reached (set by a rollback, consumed by the replay
-    before any later checkpoint, so never saved)."""
+    before any later checkpoint, so never in one; ``checkpoints/rollback.json`` keeps them
+    for a resume from the checkpoint the rollback went back to, after a preemption)."""
 
     def position(self, plan: RunPlan) -> DataPosition:
         return data_position(self.samples_seen, plan.micro_world, plan.batches_per_epoch)
@@ -383,10 +386,29 @@ class Trainer:
     # ------------------------------------------------------------------ state on disk
 
     def _load(self, path: Path) -> None:
-        """Collective: model, optimizer, teacher, RNG and :class:`TrainState` from ``path``."""
+        """Collective: model, optimizer, teacher, RNG and :class:`TrainState` from ``path``,
+        with the skips of a rollback made to this checkpoint (see :meth:`rollback`)."""
         meta = load_checkpoint(self.engine, path, self.rank, self.world)
         self.state.load_meta(meta)
+        pending = self._pending_rollback()
+        if pending is not None and int(pending["step"]) == self.state.step:
+            self.state.skip_at.update(int(s) for s in pending["skip_at"])
+            self.state.rollbacks = max(self.state.rollbacks, int(pending["rollbacks"]))
         self.batches = Batches(self.loader, self.state.position(self.plan))
+
+    @property
+    def _rollback_file(self) -> Path:
+        return self.ckpt_root / "rollback.json"
+
+    def _pending_rollback(self) -> dict[str, Any] | None:
+        """Collective: rank 0's ``rollback.json`` (None without one), the same on every rank
+        (node-local disks hold it on rank 0's only)."""
+        pending: list[Any] = [None]
+        if self.rank == 0 and self._rollback_file.is_file():
+            pending[0] = json.loads(self._rollback_file.read_text())
+        if dist.is_initialized():
+            dist.broadcast_object_list(pending, src=0)
+        return pending[0]
 
     def save(self) -> None:
         """Collective: a complete checkpoint of the current step."""
@@ -504,6 +526,18 @@ class Trainer:
         self._load(before[-1])
         self.state.rollbacks = rollbacks
         self.state.skip_at.add(bad)
+        if self.rank == 0:  # a preemption before the replay resumes here with the same skips
+            tmp = self._rollback_file.with_suffix(".tmp")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "step": self.state.step,
+                        "skip_at": sorted(self.state.skip_at),
+                        "rollbacks": rollbacks,
+                    }
+                )
+            )
+            tmp.replace(self._rollback_file)
         self.metrics.reset()
         self.window.restart()
         self.logger.rewind(self.state.step)

@@ -3,7 +3,8 @@
 Registers a test-only method, ``mae_nan``: MAE whose loss (and so every gradient) is
 multiplied by NaN on rank 0 at optimizer step ``method.nan_step``, once
 (``method.nan_once``, a batch that goes bad) or every time that step runs (a model that
-diverges). It exists only in this module; production code has no NaN switch.
+diverges), and that can be preempted (SIGTERM) at step ``method.term_step``. It exists
+only in this module; production code has no NaN switch.
 
 Each rank reads a list of ``{"recipe", "overrides", "skip_at"}`` and trains each in turn
 in one process group. ``skip_at`` pre-sets steps whose batch the trainer skips, which is
@@ -14,6 +15,8 @@ how the reference run (uninterrupted, that batch skipped) is made. Prints
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,8 @@ class NaNMAEConfig(MAEConfig):
     """The optimizer step (1-based) whose loss is NaN on rank 0; 0: never."""
     nan_once: bool = True
     """Only the first time that step runs (a rollback's retry is clean)."""
+    term_step: int = 0
+    """Every rank sends itself SIGTERM as this step starts (a preemption); 0: never."""
 
 
 class NaNMAE(MAE):
@@ -46,6 +51,8 @@ class NaNMAE(MAE):
         hit = ctx.step + 1 == self.nan_cfg.nan_step and dist.get_rank() == 0
         self.poison = hit and not (self.nan_cfg.nan_once and self.fired)
         self.fired += int(self.poison)
+        if ctx.step + 1 == self.nan_cfg.term_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's StopFlag catches it
 
     def forward(self, batch: Batch) -> dict[str, Any]:
         out = super().forward(batch)

@@ -46,6 +46,11 @@ def test_nan_rolls_back_skips_the_batch_and_equals_a_run_that_skipped_it(
         "reference": ("mae", [], [5]),
         "rollback": ("mae_nan", ["method.nan_step=5"], []),
         "diverged": ("mae_nan", ["method.nan_step=5", "method.nan_once=false"], []),
+        # preempted at step 6, where the NaN of step 5 is found: rolled back to step 3 and
+        # stopped for a requeue; the requeued run (a clean mae in the same directory) must
+        # still skip step 5's batch and count the rollback
+        "preempted": ("mae_nan", ["method.nan_step=5", "method.term_step=6"], []),
+        "requeued": ("mae", [], []),
     }
     spec = [
         {
@@ -54,7 +59,7 @@ def test_nan_rolls_back_skips_the_batch_and_equals_a_run_that_skipped_it(
                 *common,
                 f"method.name={method}",
                 *extra,
-                f"train.output_dir={tmp_path / name}",
+                f"train.output_dir={tmp_path / ('preempted' if name == 'requeued' else name)}",
                 *(["train.max_rollbacks=1"] if name == "diverged" else []),
             ],
             "skip_at": skip,
@@ -66,6 +71,7 @@ def test_nan_rolls_back_skips_the_batch_and_equals_a_run_that_skipped_it(
     out = _tail(proc)
     assert "RUN 0 EXIT 0" in proc.stdout and "RUN 1 EXIT 0" in proc.stdout, out
     assert "RUN 2 EXIT 5" in proc.stdout, out  # EXIT_DIVERGED
+    assert "RUN 3 EXIT 75" in proc.stdout and "RUN 4 EXIT 0" in proc.stdout, out
 
     ref = {r["step"]: r for r in read_metrics(tmp_path / "reference")}
     rolled = read_metrics(tmp_path / "rollback")
@@ -79,6 +85,19 @@ def test_nan_rolls_back_skips_the_batch_and_equals_a_run_that_skipped_it(
     ea = load_file(str(tmp_path / "reference" / "export" / "encoder.safetensors"))
     eb = load_file(str(tmp_path / "rollback" / "export" / "encoder.safetensors"))
     assert all(ea[k].equal(eb[k]) for k in ea)
+
+    requeued = read_metrics(tmp_path / "preempted")
+    assert [r["step"] for r in requeued] == [2, 4, 6, 8]
+    for row in requeued:
+        assert row["loss"] == ref[row["step"]]["loss"], row["step"]
+        assert row["samples_seen"] == ref[row["step"]]["samples_seen"]
+    # the requeued run's resume cut the log back to step 3, the rollback's event with it
+    pending = json.loads((tmp_path / "preempted" / "checkpoints" / "rollback.json").read_text())
+    assert pending == {"step": 3, "skip_at": [5], "rollbacks": 1}
+    meta = json.loads(
+        (tmp_path / "preempted" / "checkpoints" / "step_00000008" / "meta.json").read_text()
+    )
+    assert meta["rollbacks"] == 1
 
     diverged = [ln for ln in proc.stderr.splitlines() if "training diverged" in ln]
     assert diverged == [
