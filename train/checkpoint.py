@@ -16,10 +16,13 @@ pickle can run code. DeepSpeed's own reader (``TorchCheckpointEngine.load``) and
 tools (``zero_to_fp32``, ``ds_to_universal``, the universal loader) unpickle in full.
 So the engine's reader is replaced by
 :class:`WeightsOnlyCheckpointEngine` (``torch.load(weights_only=True)`` with the few
-DeepSpeed classes it pickles allow-listed, :data:`DEEPSPEED_SAFE_GLOBALS`), and the files
-that DeepSpeed's offline tools read are first loaded weights-only by
-:func:`verify_weights_only`, so those tools only ever see files that hold nothing but
-tensors, containers and allow-listed classes.
+DeepSpeed classes it pickles allow-listed, :func:`deepspeed_safe_globals`). The other
+readers pass ``weights_only=False`` to ``torch.load`` themselves, so they run inside
+:func:`weights_only_torch_load`, which routes every ``torch.load`` of the process (and of
+its forked workers) through :func:`load_weights_only` for their duration; the conversion
+subprocess runs under it too. Checking the files first and letting DeepSpeed read them
+after would leave a window in which a file could be swapped. :func:`verify_weights_only`
+still reads everything up front, for one clear error before any DeepSpeed output.
 
 Faults end in one line (a ``ValueError`` that the entry points print): a checkpoint of
 another model or method is refused before DeepSpeed loads it (:func:`check_compatible`,
@@ -35,6 +38,7 @@ Per-rank RNG states are then not restored: every step reseeds from (seed, step, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -43,6 +47,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,10 +223,7 @@ def _convert_universal(path: Path) -> None:
     if (target / MARKER).is_file():
         return
     shutil.rmtree(target, ignore_errors=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.checkpoint.ds_to_universal",
+    args = [
         "--input_folder",
         str(path),
         "--output_folder",
@@ -232,10 +234,26 @@ def _convert_universal(path: Path) -> None:
         "--num_merge_workers",
         "1",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # ds_to_universal, run as its own __main__ with every torch.load weights-only.
+    code = (
+        "import runpy, sys\n"
+        "from vitssl.train.checkpoint import weights_only_torch_load\n"
+        "sys.argv = ['ds_to_universal', *sys.argv[1:]]\n"
+        "with weights_only_torch_load():\n"
+        "    runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__')\n"
+    )
+    import vitssl
+
+    env = dict(os.environ)
+    home = str(Path(vitssl.__file__).parent.parent)  # the checkout, or site-packages
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env
+    )
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
-        raise ValueError(f"could not convert {path} to a universal checkpoint: {tail}")
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        last = lines[-1].split("CheckpointFileError: ", 1)[-1]
+        raise ValueError(f"could not convert {path} to a universal checkpoint: {last}")
     _write_atomic(target / MARKER, "universal\n")
 
 
@@ -250,9 +268,10 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict
         load_dir, tag = path, UNIVERSAL  # built with checkpoint.load_universal
     else:
         load_dir, tag = path.parent, path.name
-    load_path, _ = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+    with weights_only_torch_load():  # the universal loader calls torch.load itself
+        load_path, _ = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {path}")
     extra_file = path / "extra_state.safetensors"
@@ -300,6 +319,17 @@ def _refusal(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+class CheckpointFileError(ValueError):
+    """A checkpoint file that is not weights-only, or not a torch file at all.
+
+    Its own class, so that callers which treat a ``ValueError`` from DeepSpeed's readers as
+    "nothing to merge" can let this one through.
+    """
+
+
+_TORCH_LOAD = torch.load  # the real loader, also while weights_only_torch_load() is active
+
+
 def load_weights_only(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with DeepSpeed's classes allow-listed.
 
@@ -312,14 +342,41 @@ def load_weights_only(path: Path, map_location: Any = "cpu", mmap: bool = False)
     mmap = mmap and zipfile.is_zipfile(path)
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
-            raise ValueError(
+            raise CheckpointFileError(
                 f"{path} is not a weights-only checkpoint (refusing to unpickle {_refusal(e)})"
             ) from None
         except (RuntimeError, OSError, EOFError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"{path} could not be read as a torch checkpoint: {first}") from None
+            raise CheckpointFileError(
+                f"{path} could not be read as a torch checkpoint: {first}"
+            ) from None
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Make every ``torch.load`` in this process weights-only while the block runs.
+
+    For DeepSpeed's readers that call ``torch.load(..., weights_only=False)`` directly
+    (``zero_to_fp32``, ``ds_to_universal``, the universal and optimizer-state loaders): a
+    path goes through :func:`load_weights_only`, whatever ``weights_only`` they pass, and a
+    refused file raises :class:`CheckpointFileError`. Workers forked inside the block inherit
+    it. Not thread-safe: use it around single-threaded loading only.
+    """
+
+    def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(f, (str, os.PathLike)):
+            return load_weights_only(Path(f), map_location, bool(kwargs.get("mmap")))
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return _TORCH_LOAD(f, map_location, *args, **kwargs)
+
+    original, torch.load = torch.load, load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def verify_weights_only(path: Path) -> None:

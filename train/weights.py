@@ -32,11 +32,13 @@ from safetensors.torch import load_file
 from vitssl.models.pretrained import PretrainedWeights, load_strict
 from vitssl.train.checkpoint import (
     MARKER,
+    CheckpointFileError,
     latest_complete,
     load_weights_only,
     model_states_file,
     read_meta,
     verify_weights_only,
+    weights_only_torch_load,
 )
 from vitssl.train.config import ConfigError, ModelSection, build_dataclass
 
@@ -65,16 +67,20 @@ def resolve_checkpoint(path: Path) -> Path:
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage, weights-only.
 
-    With ZeRO partitions, DeepSpeed's ``zero_to_fp32`` merges them; it unpickles in full,
-    so every file is first loaded weights-only
-    (``verify_weights_only``) and a file holding anything but tensors is refused.
+    With ZeRO partitions, DeepSpeed's ``zero_to_fp32`` merges them. It asks ``torch.load``
+    to unpickle in full, so it runs under ``weights_only_torch_load``; every file is also
+    checked first (``verify_weights_only``), and a file holding anything but tensors is
+    refused with one line.
     """
     verify_weights_only(ckpt)
     if any(ckpt.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
-            merged = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+            with weights_only_torch_load():
+                merged = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        except CheckpointFileError:
+            raise
         except (ValueError, KeyError):
             merged = {}  # stage 0 without partitioned optimizer: the module states hold it all
     else:

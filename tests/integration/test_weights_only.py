@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.integration.runs import ROOT, TINY, shard_overrides
+from vitssl.train import checkpoint
 from vitssl.train.checkpoint import load_weights_only
 from vitssl.train.weights import consolidated_state_dict
 
@@ -129,3 +130,71 @@ def test_deepspeed_files_load_weights_only_and_consolidate_as_zero_to_fp32(
     assert set(ours) == set(theirs)
     for k, v in theirs.items():
         assert torch.equal(ours[k], v.float()), k
+
+
+def _swap_after_check(monkeypatch: pytest.MonkeyPatch, module: object, target: Path) -> Path:
+    """Patch ``module.verify_weights_only`` to pass, then replace ``target`` by a payload:
+    a file swapped between the check and DeepSpeed's own read. Returns the marker."""
+    marker = target.parent.parent / "code_ran"
+    real = checkpoint.verify_weights_only
+
+    def check_then_swap(path: Path) -> None:
+        real(path)
+        torch.save({"optimizer_state_dict": Payload(marker)}, target)
+
+    monkeypatch.setattr(module, "verify_weights_only", check_then_swap)
+    return marker
+
+
+def test_a_file_swapped_after_the_check_is_refused_by_zero_to_fp32(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zero_to_fp32 passes weights_only=False to torch.load; it runs under the weights-only
+    loader, so a file changed after verify_weights_only is refused, not unpickled (and not
+    mistaken for "no ZeRO partitions to merge")."""
+    import vitssl.train.weights as weights
+
+    ckpt = Path(shutil.copytree(tiny_run / "checkpoints" / STEP, tmp_path / STEP))
+    optim = next(ckpt.glob("*optim_states.pt"))
+    marker = _swap_after_check(monkeypatch, weights, optim)
+    with pytest.raises(checkpoint.CheckpointFileError) as refused:
+        consolidated_state_dict(ckpt)
+    assert str(refused.value) == (
+        f"{optim} is not a weights-only checkpoint (refusing to unpickle io.open)"
+    )
+    assert not marker.exists(), "the payload ran"
+    assert torch.load is checkpoint._TORCH_LOAD, "torch.load was not restored"
+
+
+def test_a_file_swapped_after_the_check_is_refused_by_the_universal_conversion(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ds_to_universal (a subprocess, elastic resume) reads under the weights-only loader."""
+    ckpt = Path(shutil.copytree(tiny_run / "checkpoints" / STEP, tmp_path / STEP))
+    optim = next(ckpt.glob("*optim_states.pt"))
+    marker = _swap_after_check(monkeypatch, checkpoint, optim)
+    with pytest.raises(ValueError) as refused:
+        checkpoint.ensure_universal(ckpt, rank=0)
+    assert str(refused.value) == (
+        f"could not convert {ckpt} to a universal checkpoint: "
+        f"{optim} is not a weights-only checkpoint (refusing to unpickle io.open)"
+    )
+    assert not marker.exists(), "the payload ran"
+    assert not (ckpt / checkpoint.UNIVERSAL / checkpoint.MARKER).exists()
+
+
+def test_the_universal_conversion_still_converts_under_the_weights_only_loader(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """The same conversion of the untouched checkpoint succeeds: every file DeepSpeed reads
+    and writes along the way is weights-only, so the forced loader refuses nothing real."""
+    ckpt = Path(shutil.copytree(tiny_run / "checkpoints" / STEP, tmp_path / STEP))
+    checkpoint.ensure_universal(ckpt, rank=0)
+    assert (ckpt / checkpoint.UNIVERSAL / checkpoint.MARKER).is_file()
+    params = ckpt / checkpoint.UNIVERSAL / "zero"
+    fp32 = {p.parent.name: p for p in params.glob("*/fp32.pt")}
+    theirs = consolidated_state_dict(ckpt)
+    assert set(fp32) <= set(theirs) and len(fp32) > 10
+    for name, path in fp32.items():
+        saved = load_weights_only(path)["param"]
+        assert torch.equal(saved.float().reshape(theirs[name].shape), theirs[name]), name

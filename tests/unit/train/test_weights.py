@@ -3,7 +3,9 @@ architecture, weights-only; anything else is one line."""
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from vitssl.models.backbones import create_backbone
-from vitssl.train.checkpoint import load_weights_only
+from vitssl.train.checkpoint import (
+    CheckpointFileError,
+    load_weights_only,
+    weights_only_torch_load,
+)
 from vitssl.train.config import ModelSection
 from vitssl.train.weights import method_weights, resolve_weights
 
@@ -113,3 +119,35 @@ def test_method_weights_resolves_only_declared_non_empty_fields(
     assert torch.equal(method.backbone.state_dict()["cls_token"], state["cls_token"])
     with pytest.raises(ValueError, match=r"method.init=.* was not resolved"):
         create_method(cfg, ARCH)
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: the marker exists iff code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_weights_only_torch_load_overrides_weights_only_false_and_restores(
+    tmp_path: Path,
+) -> None:
+    """Inside the block, torch.load(..., weights_only=False) of a path or a file object
+    refuses a pickle payload; tensors still load; torch.load is the original again after."""
+    original = torch.load
+    marker = tmp_path / "code_ran"
+    evil, good = tmp_path / "evil.pt", tmp_path / "good.pt"
+    torch.save({"x": _Payload(marker)}, evil)
+    torch.save({"x": torch.arange(3)}, good)
+    with weights_only_torch_load():
+        assert torch.load is not original
+        with pytest.raises(CheckpointFileError, match=r"refusing to unpickle io\.open"):
+            torch.load(evil, map_location="cpu", weights_only=False)
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(io.BytesIO(evil.read_bytes()), weights_only=False)
+        loaded = torch.load(str(good), weights_only=False)
+        assert torch.equal(loaded["x"], torch.arange(3))
+    assert torch.load is original
+    assert not marker.exists(), "the payload ran"
