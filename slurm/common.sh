@@ -1,5 +1,8 @@
 # shellcheck shell=bash
-# Shared by every sbatch template in slurm/ (sourced from the project root).
+# Shared by every sbatch template in slurm/, sourced from ${SSL_HOME:-.}: the folder that
+# holds slurm/, i.e. a checkout (the job's working directory by default) or an installed
+# package's vitssl/ folder (vitssl.slurm.submit exports SSL_HOME, so the templates of a pip
+# install work from any working directory).
 #
 # The job runs one srun task per GPU; every task is one training process that reads its
 # rank from Slurm's variables (train/dist_env.py). The trainer checkpoints and exits with
@@ -34,13 +37,17 @@ ssl_setup() {
         "nodes ${SLURM_JOB_NODELIST:-?}, tasks ${SLURM_NTASKS:-1}, host $(hostname)"
 }
 
-# Fail early, with a clear message, when the entry point does not exist (yet) in this
-# checkout. Looks for the file, so no Python is needed on the host (containers).
+# Fail early, with a clear message, when the entry point does not exist (yet). Looks for
+# the file, so no Python is needed on the host (containers): vitssl.* under SSL_HOME, any
+# other module (SSL_ENTRY) under the working directory.
 ssl_require_module() {
     local module=$1 path
     path=${module//.//}
+    case $module in
+    vitssl.*) path="${SSL_HOME:-.}/${path#vitssl/}" ;;
+    esac
     if [ ! -f "$path.py" ] && [ ! -f "$path/__main__.py" ]; then
-        ssl_log "python -m $module is not available in this checkout (no $path.py)"
+        ssl_log "python -m $module is not available here (no $path.py)"
         exit 1
     fi
 }

@@ -7,7 +7,10 @@ Only the options given on the command line change; the template's other lines st
 they are. ``--gpus-per-node 0`` removes the GPU request (CPU-only runs; give
 ``--tasks-per-node`` then). The rendered script is written beside the logs (so that the
 exact script of every job is kept) and submitted with ``sbatch``; the arguments after
-``--`` go to the script. The job runs in the project root (``--chdir``).
+``--`` go to the script. The job runs in ``--chdir``: by default the checkout this file is
+in, or, for an installed package, the directory you submit from. The script's
+``--export`` adds ``SSL_HOME`` (the folder holding ``slurm/``), from which the templates
+source ``slurm/common.sh``, so a pip-installed package needs no checkout.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SLURM_DIR = Path(__file__).resolve().parent
-PROJECT_DIR = SLURM_DIR.parent
+SSL_HOME = SLURM_DIR.parent  # holds slurm/: the checkout, or the installed vitssl/ package
+IN_CHECKOUT = (SSL_HOME / "pyproject.toml").is_file()
 TEMPLATES = sorted(p.stem for p in SLURM_DIR.glob("*.sbatch"))
 _SBATCH_LINE = re.compile(r"^#SBATCH\s+--([A-Za-z0-9-]+)(?:[=\s]\s*(\S.*?))?\s*$")
 
@@ -152,6 +156,8 @@ def render(args: argparse.Namespace, log_dir: Path) -> Rendered:
     pattern = "%x-%A_%a.out" if "array" in sbatch_options(script) else "%x-%j.out"
     opts["output"] = str(log_dir / pattern)
     opts["chdir"] = str(Path(args.chdir).resolve())
+    given = opts.get("export") or sbatch_options(script).get("export")
+    opts["export"] = f"{given if isinstance(given, str) else 'ALL'},SSL_HOME={SSL_HOME}"
     return Rendered(set_sbatch_options(script, opts), list(args.script_args))
 
 
@@ -188,7 +194,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--log-dir", default="logs", help="where the job logs go (default: logs)")
     p.add_argument(
-        "--chdir", default=str(PROJECT_DIR), help="the job's working directory (project root)"
+        "--chdir",
+        default=str(SSL_HOME) if IN_CHECKOUT else os.getcwd(),
+        help="the job's working directory (default: this checkout; for an installed package,"
+        " the current directory)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the script, do not submit")
     p.add_argument(

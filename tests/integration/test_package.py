@@ -1,55 +1,24 @@
 """The wheel installs like a package: console scripts, presets and Slurm templates found from
 outside the checkout, and a user's own ``train.py`` or ``models.py`` in the working directory
-neither shadows nor is shadowed: everything is imported as ``vitssl.*``.
-
-The fresh virtualenv reaches the heavy dependencies (torch, DeepSpeed, timm) through a path
-file pointing at this interpreter's site-packages, placed after its own: only the wheel's
-files are new, and they win over the checkout's.
+neither shadows nor is shadowed: everything is imported as ``vitssl.*``. (The wheel's Slurm
+templates run a real job from a user's folder in tests/integration/test_slurm.py.)
 """
 
 from __future__ import annotations
 
-import os
-import site
-import subprocess
-import sys
-import venv
 from pathlib import Path
 
 import pytest
 
-from tests.integration.runs import ROOT
+from tests.integration.wheel import install_wheel
+from tests.integration.wheel import run as _run
 
 pytestmark = pytest.mark.slow
 
 
-def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("pkg")
-    built = _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         str(ROOT), "-w", str(tmp / "dist")],
-        cwd=tmp,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr[-2000:]
-    (wheel,) = (tmp / "dist").glob("vitssl-*.whl")
-    env_dir = tmp / "env"
-    venv.create(env_dir, with_pip=False)
-    own = next((env_dir / "lib").glob("python3.*/site-packages"))
-    (own / "shared.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    python = env_dir / "bin" / "python"
-    done = _run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-         str(wheel)],
-        cwd=tmp,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    return env_dir
+    return install_wheel(tmp_path_factory.mktemp("pkg"))
 
 
 def test_console_scripts_and_resources_from_outside_the_checkout(

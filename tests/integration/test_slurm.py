@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.slurm_cluster import SlurmCluster, missing_binaries
+from tests.integration.wheel import install_wheel
+from vitssl.slurm.submit import sbatch_options
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -445,3 +447,48 @@ def test_submitit_launcher_checkpoints_requeues_and_resumes(
     assert first_stop and first_stop[0] >= signal_after, context
     assert first_stop[0] in complete_steps(run_dir), context  # checkpoint at the signal
     assert read_steps(metrics) == list(range(1, steps + 1)), context  # none lost or repeated
+
+
+def test_installed_package_runs_a_template_from_a_users_folder(
+    cluster: SlurmCluster,
+    workload: Workload,
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+) -> None:
+    """pip-installed, no checkout: ``vitssl-submit`` run in a user's folder (holding their own
+    ``train.py``) submits the wheel's template; the job sources the wheel's common.sh through
+    SSL_HOME, runs the wheel's trainer in that folder and writes its run there."""
+    if workload.name != "real":
+        pytest.skip("the checkout has no real trainer to install as a wheel")
+    env_dir = install_wheel(tmp_path_factory.mktemp("wheel"))
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "train.py").write_text("raise SystemExit('user train.py was imported')\n")
+    argv = [
+        str(env_dir / "bin" / "vitssl-submit"), "--template", "pretrain_single_node",
+        "--job-name", "sslwheel", "--nodes", "1", "--gpus-per-node", "0",
+        "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "00:10:00",
+        "--partition", cluster.partition,
+        "--", workload.recipe, *workload.overrides,
+        "train.output_dir=run", "train.steps=2", "checkpoint.every=2", "log.every=1",
+    ]  # fmt: skip
+    env = {k: v for k, v in cluster.env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["SSL_PYTHON"] = str(env_dir / "bin" / "python")
+    res = subprocess.run(argv, cwd=user, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    m = re.search(r"submitted job (\d+)", res.stdout)
+    assert m, res.stdout
+    job = int(m.group(1))
+    info = cluster.wait_for_job(job, JOB_TIMEOUT_S)
+    log = job_log(user / "logs", job)
+    context = f"{log}\n{cluster.log_tail()}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", context
+    assert "user train.py was imported" not in log, context
+    assert read_steps(user / "run" / "metrics.jsonl") == [1, 2], context
+    assert complete_steps(user / "run") == [2], context
+    # the rendered script: the job ran in the user's folder, with the wheel's slurm/
+    (script,) = (user / "logs").glob("sslwheel-*.sbatch")
+    options = sbatch_options(script.read_text())
+    site_packages = next((env_dir / "lib").glob("python3.*/site-packages")).resolve()
+    assert options["chdir"] == str(user.resolve())
+    assert options["export"] == f"ALL,SSL_HOME={site_packages / 'vitssl'}"

@@ -64,7 +64,7 @@ def test_template_requeue_contract(path: Path) -> None:
     assert re.fullmatch(r"USR1@\d+", options.get("signal") or ""), "needs --signal=USR1@T"
     assert "requeue" in options and options["requeue"] is None
     assert options.get("open-mode") == "append"
-    assert "source slurm/common.sh" in text
+    assert 'source "${SSL_HOME:-.}/slurm/common.sh"' in text
     assert f"ssl_main {ENTRY_POINTS[path.stem]} " in text
     # Every #SBATCH line comes before the first command, or sbatch ignores it.
     lines = text.splitlines()
@@ -118,6 +118,8 @@ def test_dry_run_fills_sbatch_lines(tmp_path: Path) -> None:
     assert options["account"] == "proj42"
     assert options["constraint"] == "a100"
     assert options["output"] == f"{tmp_path / 'logs'}/%x-%j.out"
+    assert options["chdir"] == str(PROJECT)  # a checkout: the job runs in it
+    assert options["export"] == f"ALL,SSL_HOME={PROJECT}"  # where common.sh is sourced from
     assert options["chdir"] == str(PROJECT)
     assert options["signal"] == "USR1@120"
     # Options are changed in place, not duplicated; the body is untouched.
